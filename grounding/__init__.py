@@ -1,0 +1,1 @@
+"""Reserved for the grounding issue (see README); intentionally empty for now."""

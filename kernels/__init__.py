@@ -1,0 +1,10 @@
+"""Fast implementations of Lucid's edited attention. Knows nothing of transformers, requests or methods.
+
+`edited_attention` is the public entry point; `reference.py` is its spec. Backends are chosen by
+`dispatch.py` (`LUCID_KERNELS=reference|triton|auto`).
+"""
+
+from kernels.dispatch import backend_for, edited_attention
+from kernels.reference import AttentionEdit, attention_rows_reference, edited_attention_reference
+
+__all__ = ["AttentionEdit", "attention_rows_reference", "backend_for", "edited_attention", "edited_attention_reference"]

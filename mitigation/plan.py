@@ -1,0 +1,98 @@
+"""Plans: what to change in the text backbone's attention for one request.
+
+A `Plan` maps decoder-layer indices to `LayerEdit`s, model-agnostic descriptions (which key set,
+which query rows, per-head coefficients). `compile_edits` turns them into device tensors for one
+batch once, at scope entry, so the attention hot path does no Python work per head or layer.
+Methods (next issues) lower to plans; plans compose by `Plan.then`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import torch
+
+from kernels.reference import AttentionEdit
+
+PerHead = float | tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LayerEdit:
+    """One layer's edit. Scalars apply to every head; tuples give one value per query head.
+
+    Attributes:
+        key_set: name of the key set the logit edit acts on ("image": the image tokens).
+        rows: "all" query rows or only the "last" (every decode step).
+        abs_scale: z += abs_scale * |z| on the key set (PAI-style amplification), or None.
+        bias: z += bias on the key set, or None.
+        head_scale: multiply each head's output (before o_proj), or None.
+    """
+
+    key_set: str = "image"
+    rows: str = "all"
+    abs_scale: PerHead | None = None
+    bias: PerHead | None = None
+    head_scale: PerHead | None = None
+
+    def __post_init__(self) -> None:
+        if self.rows not in ("all", "last"):
+            raise ValueError(f"LayerEdit.rows must be 'all' or 'last', got {self.rows!r}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-layer attention edits for one request. An empty plan changes nothing."""
+
+    edits: Mapping[int, LayerEdit] = field(default_factory=dict)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        for layer in self.edits:
+            if not isinstance(layer, int) or layer < 0:
+                raise ValueError(f"Plan layer indices must be non-negative ints, got {layer!r}")
+        object.__setattr__(self, "edits", MappingProxyType(dict(self.edits)))
+
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.edits))
+
+
+def _per_head(value: PerHead | None, n_heads: int, device: torch.device, what: str) -> torch.Tensor | None:
+    if value is None:
+        return None
+    t = torch.as_tensor(value, dtype=torch.float32, device=device).flatten()
+    if t.numel() == 1:
+        return t.expand(n_heads).contiguous()
+    if t.numel() != n_heads:
+        raise ValueError(f"{what} has {t.numel()} values but the layer has {n_heads} query heads")
+    return t
+
+
+def compile_edits(
+    plan: Plan, key_sets: Mapping[str, torch.Tensor], n_heads: int, n_layers: int
+) -> dict[int, AttentionEdit]:
+    """Lower a plan to per-layer `AttentionEdit`s for one batch.
+
+    Args:
+        key_sets: name -> [B, T] bool masks over the prompt tokens (e.g. "image").
+        n_heads, n_layers: of the text backbone, for validation.
+    """
+    out: dict[int, AttentionEdit] = {}
+    for layer, e in plan.edits.items():
+        if layer >= n_layers:
+            raise ValueError(
+                f"plan edits layer {layer} but the text backbone has {n_layers} layers (0..{n_layers - 1})"
+            )
+        if e.key_set not in key_sets:
+            raise ValueError(f"unknown key set {e.key_set!r}; this request has: {', '.join(sorted(key_sets))}")
+        mask = key_sets[e.key_set]
+        out[layer] = AttentionEdit(
+            key_mask=mask,
+            rows=e.rows,
+            abs_scale=_per_head(e.abs_scale, n_heads, mask.device, f"layer {layer} abs_scale"),
+            bias=_per_head(e.bias, n_heads, mask.device, f"layer {layer} bias"),
+            head_scale=_per_head(e.head_scale, n_heads, mask.device, f"layer {layer} head_scale"),
+        )
+    return out

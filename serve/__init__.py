@@ -1,0 +1,1 @@
+"""Reserved for the serve issue (see README); intentionally empty for now."""

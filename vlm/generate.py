@@ -1,0 +1,132 @@
+"""The only place Lucid runs a VLM: prefill + KV-cache decode, greedy or seeded sampling.
+
+A plain loop (gpt-fast style) rather than `model.generate`, so that prefill and every decode step are
+timed, the active plan/recorder scope spans exactly the model calls, and left-padded batches give
+the same tokens as batch size 1. Position ids follow the attention mask, as transformers' own
+generation does (tested against it).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import DynamicCache
+
+import mitigation
+from mitigation.plan import Plan
+from mitigation.recorder import AttentionRecorder
+from vlm.loader import VLM
+from vlm.types import Generation, SamplingParams, Timings, VLMInputs
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus filtering of [B, V] logits (filtered entries -> -inf)."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) > top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def _next_tokens(
+    logits: torch.Tensor, sampling: SamplingParams, generators: list[torch.Generator] | None
+) -> torch.Tensor:
+    if sampling.temperature == 0.0:
+        return logits.argmax(-1)
+    probs = torch.softmax(_filter(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p), -1)
+    # argmax(p / E) with E ~ Exp(1) samples from p (no host sync); one generator per row keeps rows
+    # independent of their batch neighbours.
+    noise = torch.stack([torch.empty_like(probs[i]).exponential_(generator=g) for i, g in enumerate(generators)])
+    return (probs / noise).argmax(-1)
+
+
+@torch.inference_mode()
+def generate(
+    vlm: VLM,
+    inputs: VLMInputs,
+    sampling: SamplingParams = SamplingParams(),
+    plan: Plan | None = None,
+    recorder: AttentionRecorder | None = None,
+) -> list[Generation]:
+    """Generate answers for a batch.
+
+    Args:
+        plan: attention edits applied in every model call of this generation (None: baseline).
+        recorder: receives image-attention rows / hidden states for the prefill and each step.
+
+    Returns:
+        One `Generation` per row, with text (special tokens stripped), token ids, finish reason,
+        timings (prefill, per decode step) and the row's ImageLayout.
+    """
+    model, tok, dev = vlm.model, vlm.processor.tokenizer, vlm.device
+    eos = model.generation_config.eos_token_id
+    eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id], device=dev)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else int(eos_ids[0])
+    B = inputs.batch_size
+    generators = None
+    if sampling.temperature > 0:
+        generators = [torch.Generator(device=dev).manual_seed(sampling.seed) for _ in range(B)]
+    mask = inputs.attention_mask
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    out_tokens: list[torch.Tensor] = []
+    step_times: list[float] = []
+    with mitigation.scope(
+        plan, recorder, image_mask=inputs.input_ids == vlm.image_token_id, n_heads=vlm.n_heads, n_layers=vlm.n_layers
+    ):
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = model(
+            **inputs.model_kwargs(), position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
+        nxt = _next_tokens(out.logits[:, -1], sampling, generators)
+        _sync(dev)
+        prefill = time.perf_counter() - t0
+        for step in range(sampling.max_new_tokens):
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out_tokens.append(nxt)
+            done = done | torch.isin(nxt, eos_ids)
+            if step == sampling.max_new_tokens - 1 or bool(done.all()):
+                break
+            t = time.perf_counter()
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+            out = model(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            nxt = _next_tokens(out.logits[:, -1], sampling, generators)
+            _sync(dev)
+            step_times.append(time.perf_counter() - t)
+    timings = Timings(prefill_s=prefill, decode_s=tuple(step_times))
+    tokens = torch.stack(out_tokens, dim=1).tolist()
+    eos_set = set(eos_ids.tolist())
+    results = []
+    for b in range(B):
+        row = []
+        reason = "length"
+        for t in tokens[b]:
+            if t in eos_set:
+                reason = "eos"
+                break
+            row.append(t)
+        text = tok.decode(row, skip_special_tokens=True).strip()
+        results.append(
+            Generation(text=text, token_ids=tuple(row), finish_reason=reason, timings=timings, layout=inputs.layouts[b])
+        )
+    return results

@@ -1,0 +1,90 @@
+"""Value types of `vlm/`: inputs, sampling settings, generations and their timings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlm.layout import ImageLayout
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings. temperature == 0 is greedy; otherwise seeded sampling.
+
+    Every batch row draws from its own generator seeded with `seed`, so a request gives the same
+    tokens alone or inside a batch.
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class VLMInputs:
+    """A batch ready for the model (left padded), with one `ImageLayout` per row."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    pixel_values: torch.Tensor  # [B, 3, S, S] (LLaVA) or [B, P, 3, S, S] (LLaVA-NeXT)
+    layouts: tuple[ImageLayout, ...]
+    image_sizes: torch.Tensor | None = None  # LLaVA-NeXT only: [B, 2] (height, width)
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def model_kwargs(self) -> dict:
+        kw = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": self.pixel_values}
+        if self.image_sizes is not None:
+            kw["image_sizes"] = self.image_sizes
+        return kw
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Wall-clock seconds of one generate call (shared by the rows of a batch)."""
+
+    prefill_s: float
+    decode_s: tuple[float, ...]  # one entry per decode step after the prefill
+
+    @property
+    def decode_per_token_s(self) -> float:
+        return sum(self.decode_s) / len(self.decode_s) if self.decode_s else 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + sum(self.decode_s)
+
+    def to_dict(self) -> dict:
+        return {
+            "prefill_s": round(self.prefill_s, 6),
+            "decode_per_token_s": round(self.decode_per_token_s, 6),
+            "decode_steps": len(self.decode_s),
+            "total_s": round(self.total_s, 6),
+        }
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One row's result."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "eos" | "length"
+    timings: Timings
+    layout: ImageLayout
