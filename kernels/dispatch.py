@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from kernels.reference import AttentionEdit, edited_attention_reference
+from kernels.reference import AttentionEdit, Rows, edited_attention_reference
 
 log = logging.getLogger(__name__)
 _BACKENDS = ("auto", "reference", "triton")
@@ -60,7 +60,7 @@ def edited_attention(
     scale: float,
     edit: AttentionEdit | None = None,
     record_index: torch.Tensor | None = None,
-    record_rows: str = "all",
+    record_rows: Rows = "all",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Edited attention; see `kernels.reference.edited_attention_reference` for the contract."""
     backend_for(query)

@@ -67,13 +67,24 @@ def allowed_keys(mask: torch.Tensor | None, tq: int, tk: int, device: torch.devi
     return mask > torch.finfo(mask.dtype).min / 2
 
 
-def select_rows(tq: int, rows: str, device: torch.device) -> torch.Tensor:
-    """[Tq] bool: which query rows `rows` ("all" | "last") names."""
+Rows = str | tuple[int, ...]
+
+
+def select_rows(tq: int, rows: Rows, device: torch.device) -> torch.Tensor:
+    """[Tq] bool: the query rows that `rows` names: "all", "last", or a tuple of prompt positions.
+
+    A decode step (Tq == 1) has one row, the new token's, and it is always selected.
+    """
     sel = torch.zeros(tq, dtype=torch.bool, device=device)
-    if rows == "all":
+    if rows == "all" or tq == 1:
         sel[:] = True
-    else:
+    elif rows == "last":
         sel[-1] = True
+    else:
+        idx = torch.as_tensor(rows, dtype=torch.long, device=device)
+        if idx.numel() and (int(idx.min()) < -tq or int(idx.max()) >= tq):
+            raise IndexError(f"row positions {tuple(rows)} out of range for {tq} query rows")
+        sel[idx] = True
     return sel
 
 
@@ -93,7 +104,7 @@ def edited_attention_reference(
     scale: float,
     edit: AttentionEdit | None = None,
     record_index: torch.Tensor | None = None,
-    record_rows: str = "all",
+    record_rows: Rows = "all",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention with an optional logit edit and an optional probability read-out.
 
@@ -104,7 +115,7 @@ def edited_attention_reference(
         scale: softmax scale (usually D ** -0.5).
         edit: see `AttentionEdit`.
         record_index: [B, N] long key indices to read out (-1 = padding, read as 0).
-        record_rows: "all" or "last", the query rows read out.
+        record_rows: the query rows read out (see `select_rows`).
 
     Returns:
         output [B, Tq, H, D] in the query's dtype, and the read-out [B, H, Tq_sel, N] (fp32) or None.
@@ -144,7 +155,7 @@ def attention_rows_reference(
     mask: torch.Tensor | None,
     scale: float,
     record_index: torch.Tensor,
-    record_rows: str = "all",
+    record_rows: Rows = "all",
 ) -> torch.Tensor:
     """Only the read-out of `edited_attention_reference` (no edit, no output): cost O(Tq_sel * Tk)."""
     b, h, tq, _ = query.shape

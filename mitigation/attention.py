@@ -43,7 +43,7 @@ def lucid_attention(
         raise RuntimeError("Lucid's edited attention is inference-only (dropout > 0 in training mode)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     recorder = active.recorder if active.recorder is not None and active.recorder.wants_attention(layer) else None
-    rows_sel = "last" if recorder is not None and recorder.prefill_rows == "last" else "all"
+    rows_sel = recorder.prefill_rows if recorder is not None else "all"
     edit = active.edits.get(layer)
     if edit is None:
         out, _ = sdpa_attention_forward(

@@ -21,7 +21,8 @@ class AttentionRecorder:
     Args:
         layers: decoder layers whose image-attention rows are recorded (None: all layers).
         prefill_rows: "last" records only the last prompt row at prefill (the row that predicts the
-            first answer token); "all" records every prompt row. Decode steps always record their row.
+            first answer token); "all" every prompt row; a tuple of ints those prompt positions (e.g.
+            the question's words). Decode steps always record their row.
         reduce_heads: None keeps every head; "mean" averages heads before storing (less memory).
         hidden_layers: indices of hidden states to capture (l = entering layer l; L = final output).
         hidden_rows: "all" prompt rows or only the "last" at prefill (decode steps: their row).
@@ -30,13 +31,17 @@ class AttentionRecorder:
     def __init__(
         self,
         layers: Iterable[int] | None = None,
-        prefill_rows: str = "last",
+        prefill_rows: str | tuple[int, ...] = "last",
         reduce_heads: str | None = None,
         hidden_layers: Iterable[int] = (),
         hidden_rows: str = "all",
     ) -> None:
-        if prefill_rows not in ("all", "last") or hidden_rows not in ("all", "last"):
-            raise ValueError("prefill_rows and hidden_rows must be 'all' or 'last'")
+        if isinstance(prefill_rows, str) and prefill_rows not in ("all", "last"):
+            raise ValueError(f"prefill_rows must be 'all', 'last' or a tuple of positions, got {prefill_rows!r}")
+        if not isinstance(prefill_rows, str):
+            prefill_rows = tuple(int(r) for r in prefill_rows)
+        if hidden_rows not in ("all", "last"):
+            raise ValueError(f"hidden_rows must be 'all' or 'last', got {hidden_rows!r}")
         if reduce_heads not in (None, "mean"):
             raise ValueError(f"reduce_heads must be None or 'mean', got {reduce_heads!r}")
         self.layers = None if layers is None else frozenset(int(x) for x in layers)

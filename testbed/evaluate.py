@@ -14,6 +14,7 @@ import numpy as np
 from rich.progress import Progress
 
 from mitigation import Plan
+from testbed.foreign import ForeignScene, draw_foreign_scene
 from testbed.language import (
     CAPTION_QUESTION,
     POPE_SPLITS,
@@ -22,11 +23,26 @@ from testbed.language import (
     color_question,
     cooccurrence,
     count_question,
+    existence_question,
     mentioned_categories,
     pope_questions,
 )
-from testbed.world import SHAPES, TRAIN_CONFIG, Scene, WorldConfig, scenes
+from testbed.world import CATEGORIES, SHAPES, TRAIN_CONFIG, Scene, WorldConfig, scenes
 from vlm import VLM, SamplingParams, build_inputs, generate
+
+
+@dataclass(frozen=True)
+class _ForeignAsScene:
+    """Adapter: a foreign scene where the evaluation loop expects a Scene (image + categories)."""
+
+    foreign: ForeignScene
+
+    @property
+    def image(self):
+        return self.foreign.image
+
+    def categories(self):
+        return set(self.foreign.categories)
 
 
 def parse_yes_no(text: str) -> str:
@@ -66,6 +82,7 @@ class EvalConfig:
     batch_size: int = 16
     world: WorldConfig = WorldConfig()
     reference_scenes: int = 2000  # for POPE popular/adversarial statistics (training distribution)
+    n_foreign: int = 150  # scenes drawn by other code (testbed.foreign): other sizes, colours +-20
 
 
 def _answer_all(
@@ -103,6 +120,19 @@ def evaluate(vlm: VLM, cfg: EvalConfig = EvalConfig(), plan: Plan | None = None,
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         families.setdefault("count", []).append((s, QA(count_question(shape), str(s.count(shape)), "count")))
         families.setdefault("caption", []).append((s, QA(CAPTION_QUESTION, "", "caption")))
+    for i in range(cfg.n_foreign):
+        f = draw_foreign_scene(cfg.seed + 7919 * (i + 1))
+        fs = _ForeignAsScene(f)
+        absent = [c for c in CATEGORIES if c not in f.categories]
+        neg = [absent[j] for j in rng.permutation(len(absent))[: len(f.categories)]]
+        for c in sorted(f.categories):
+            families.setdefault("foreign_pope", []).append((fs, QA(existence_question(*c), "Yes", "exist")))
+        for c in neg:
+            families.setdefault("foreign_pope", []).append((fs, QA(existence_question(*c), "No", "exist")))
+        for shape, colors in f.colors_by_shape.items():
+            if len(colors) == 1:
+                qa = QA(color_question(shape), colors[0].capitalize(), "color")
+                families.setdefault("foreign_color", []).append((fs, qa))
     total = sum(len(v) for v in families.values())
     results: dict = {"n_scenes": cfg.n_scenes, "seed": cfg.seed}
     with Progress(disable=not show_progress) as bar:
@@ -110,10 +140,10 @@ def evaluate(vlm: VLM, cfg: EvalConfig = EvalConfig(), plan: Plan | None = None,
         for name, items in families.items():
             max_new = 48 if name == "caption" else 4
             answers = _answer_all(vlm, items, cfg.batch_size, max_new, plan, lambda k: bar.advance(task, k))
-            if name.startswith("pope_"):
+            if name.startswith("pope_") or name == "foreign_pope":
                 preds = [parse_yes_no(a) for a in answers]
                 results[name] = binary_metrics(preds, [qa.answer.lower() for _, qa in items])
-            elif name in ("color", "count"):
+            elif name in ("color", "count", "foreign_color"):
                 ok = [a.strip().rstrip(".").lower() == qa.answer.lower() for a, (_, qa) in zip(answers, items)]
                 results[f"{name}_accuracy"] = float(np.mean(ok))
             else:

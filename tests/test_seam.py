@@ -245,3 +245,18 @@ def test_concurrent_threads_see_only_their_own_plan(tiny_vlm):
         for tokens, rows in results[name]:
             assert tokens == solo[name][0]
             torch.testing.assert_close(rows, solo[name][1])
+
+
+def test_recorder_explicit_prompt_rows(tiny_vlm, batch):
+    """Recording chosen prompt positions gives exactly those rows of the 'all' recording."""
+    image_mask = batch.input_ids == tiny_vlm.image_token_id
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    T = batch.input_ids.shape[1]
+    rows = (T - 5, T - 3, T - 1)
+    full, some = AttentionRecorder(layers=[2], prefill_rows="all"), AttentionRecorder(layers=[2], prefill_rows=rows)
+    for rec in (full, some):
+        with torch.no_grad(), mitigation.scope(recorder=rec, image_mask=image_mask):
+            tiny_vlm.model(**batch.model_kwargs(), position_ids=pos)
+    torch.testing.assert_close(some.image_attention(2), full.image_attention(2)[:, :, list(rows)])
+    with pytest.raises(ValueError, match="prefill_rows"):
+        AttentionRecorder(prefill_rows="first")
