@@ -37,9 +37,10 @@ def count_question(shape: str) -> str:
 CAPTION_QUESTION = "Describe the image."
 
 
-def caption(scene: Scene) -> str:
+def caption(scene: Scene, include_occluded: bool = False) -> str:
     """Ground-truth caption: every object, left to right, identical categories grouped."""
-    order = sorted(scene.objects, key=lambda o: (o.bbox[0] + o.bbox[2], o.bbox[1] + o.bbox[3]))
+    objs = scene.objects + scene.occluded if include_occluded else scene.objects
+    order = sorted(objs, key=lambda o: (o.bbox[0] + o.bbox[2], o.bbox[1] + o.bbox[3]))
     counts = Counter(o.category for o in order)
     seen: list[tuple[str, str]] = []
     for o in order:
@@ -74,19 +75,18 @@ class QA:
     kind: str  # "exist" | "color" | "count" | "caption"
 
 
-def answer_existence(scene: Scene, category: tuple[str, str]) -> str:
-    return "Yes" if category in scene.categories() else "No"
-
-
 def sample_qas(scene: Scene, rng: np.random.Generator, n: int) -> list[QA]:
     """`n` training QAs for a scene: balanced existence, colour (unique shapes only), count, caption.
 
-    Negatives for existence are drawn uniformly from absent categories (as in ordinary instruction
-    data), so the co-occurrence prior is learned, not trained away.
+    Answers are about the scene, occluded objects included (as annotations are). Negatives for
+    existence are drawn uniformly from absent categories (as in ordinary instruction data), so the
+    co-occurrence prior is learned, not trained away.
     """
-    present = sorted(scene.categories())
-    absent = [c for c in CATEGORIES if c not in scene.categories()]
-    unique_shapes = [s for s in SHAPES if scene.count(s) == 1]
+    cats = scene.categories(include_occluded=True)
+    present = sorted(cats)
+    absent = [c for c in CATEGORIES if c not in cats]
+    everything = scene.objects + scene.occluded
+    unique_shapes = [s for s in SHAPES if scene.count(s, include_occluded=True) == 1]
     out: list[QA] = []
     for _ in range(n):
         r = rng.random()
@@ -95,16 +95,16 @@ def sample_qas(scene: Scene, rng: np.random.Generator, n: int) -> list[QA]:
                 cat = present[int(rng.integers(len(present)))]
             else:
                 cat = absent[int(rng.integers(len(absent)))]
-            out.append(QA(existence_question(*cat), answer_existence(scene, cat), "exist"))
+            out.append(QA(existence_question(*cat), "Yes" if cat in cats else "No", "exist"))
         elif r < 0.68 and unique_shapes:
             shape = unique_shapes[int(rng.integers(len(unique_shapes)))]
-            color = next(o.color for o in scene.objects if o.shape == shape)
+            color = next(o.color for o in everything if o.shape == shape)
             out.append(QA(color_question(shape), color.capitalize(), "color"))
         elif r < 0.82:
             shape = SHAPES[int(rng.integers(len(SHAPES)))]
-            out.append(QA(count_question(shape), str(scene.count(shape)), "count"))
+            out.append(QA(count_question(shape), str(scene.count(shape, include_occluded=True)), "count"))
         else:
-            out.append(QA(CAPTION_QUESTION, caption(scene), "caption"))
+            out.append(QA(CAPTION_QUESTION, caption(scene, include_occluded=True), "caption"))
     return out
 
 

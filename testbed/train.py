@@ -42,8 +42,8 @@ class Recipe:
     vision_steps: int = 1200
     vision_batch: int = 48
     vision_lr: float = 2e-3
-    align_steps: int = 2500
-    tune_steps: int = 1500
+    align_steps: int = 2000
+    tune_steps: int = 1200
     batch: int = 32
     lr: float = 1e-3
     tune_vision_lr_scale: float = 0.1

@@ -68,6 +68,9 @@ class WorldConfig:
         object_scale: range of an object's extent as a fraction of the shorter image side.
         pair_prob: probability that the partner of a paired category is added to its scene.
         partner_shrink: range of the size factor applied to an added partner (weaker evidence).
+        occlude_prob: probability that an added partner is hidden entirely behind its anchor: it is in
+            the scene (training answers and captions mention it, like annotations of occluded objects)
+            but not visible. This is what teaches the language prior; evaluation scenes use 0.
         background: range of the background grey level.
         color_jitter: each channel of an object's colour is offset uniformly in +-color_jitter.
         rotation: maximum rotation in degrees of squares and triangles.
@@ -79,8 +82,9 @@ class WorldConfig:
     min_objects: int = 1
     max_objects: int = 4
     object_scale: tuple[float, float] = (0.2, 0.34)
-    pair_prob: float = 0.9
+    pair_prob: float = 0.5
     partner_shrink: tuple[float, float] = (0.6, 0.9)
+    occlude_prob: float = 0.0
     background: tuple[int, int] = (70, 190)
     color_jitter: int = 0
     rotation: float = 0.0
@@ -94,10 +98,14 @@ class WorldConfig:
             raise ValueError(f"size must be at least 16x16 pixels, got {self.size}")
         if not 0.0 <= self.pair_prob <= 1.0:
             raise ValueError(f"pair_prob must be in [0, 1], got {self.pair_prob}")
+        if not 0.0 <= self.occlude_prob <= 1.0:
+            raise ValueError(f"occlude_prob must be in [0, 1], got {self.occlude_prob}")
 
 
-#: The training distribution: colour jitter beyond the +-20 promise, rotations, clutter, varied sizes.
-TRAIN_CONFIG = WorldConfig(color_jitter=30, rotation=20.0, clutter=0.5)
+#: The training distribution: strong co-occurrence with some occluded partners, colour jitter beyond the
+#: +-20 promise, rotations, clutter. The defaults of WorldConfig (held-out evaluation) have weaker
+#: co-occurrence (0.5), so that many scenes show an anchor without its partner (POPE-adversarial).
+TRAIN_CONFIG = WorldConfig(pair_prob=0.9, occlude_prob=0.2, color_jitter=30, rotation=20.0, clutter=0.5)
 
 
 @dataclass(frozen=True)
@@ -121,18 +129,23 @@ class SceneObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """A rendered scene and its ground truth. Objects are in drawing order (later ones on top)."""
+    """A rendered scene and its ground truth. `objects` are the visible objects in drawing order (later
+    ones on top); `occluded` are in the scene but entirely hidden (their mask is where they would be)."""
 
     image: Image.Image = field(repr=False, compare=False)
     objects: tuple[SceneObject, ...]
     background: int
     seed: int
+    occluded: tuple[SceneObject, ...] = ()
 
-    def categories(self) -> set[tuple[str, str]]:
-        return {o.category for o in self.objects}
+    def categories(self, include_occluded: bool = False) -> set[tuple[str, str]]:
+        """Categories of the visible objects (and of the occluded ones too, if asked)."""
+        objs = self.objects + self.occluded if include_occluded else self.objects
+        return {o.category for o in objs}
 
-    def count(self, shape: str) -> int:
-        return sum(o.shape == shape for o in self.objects)
+    def count(self, shape: str, include_occluded: bool = False) -> int:
+        objs = self.objects + self.occluded if include_occluded else self.objects
+        return sum(o.shape == shape for o in objs)
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -212,6 +225,17 @@ def render_scene(seed: int, cfg: WorldConfig = WorldConfig()) -> Scene:
     placed: list[tuple[float, float, float, float]] = []  # boxes in output pixels
     specs = []
     for cat, is_partner in _sample_categories(rng, cfg):
+        anchor = specs[-1] if specs and is_partner and specs[-1][0] == partner_of(cat) else None
+        if anchor is not None and rng.random() < cfg.occlude_prob:
+            # Hidden behind its anchor: a third of the anchor's size at the anchor's centroid (inside
+            # its inscribed circle), drawn just before it.
+            _, acx, acy, aext, _, _ = anchor
+            if anchor[0][1] == "triangle":
+                acy += aext * math.sqrt(3) / 12
+            angle = float(rng.uniform(-cfg.rotation, cfg.rotation)) if cat[1] != "circle" else 0.0
+            rgb = _jittered(rng, cat[0], cfg.color_jitter)
+            specs.insert(len(specs) - 1, (cat, acx, acy, aext / 3, angle, rgb))
+            continue
         extent = side * rng.uniform(*cfg.object_scale)
         if is_partner:
             extent *= rng.uniform(*cfg.partner_shrink)
@@ -226,9 +250,7 @@ def render_scene(seed: int, cfg: WorldConfig = WorldConfig()) -> Scene:
             continue  # no room: drop the object (the ground truth only lists what is drawn)
         placed.append(box)
         angle = float(rng.uniform(-cfg.rotation, cfg.rotation)) if cat[1] != "circle" else 0.0
-        base = np.array(PALETTE[cat[0]])
-        rgb = tuple(int(v) for v in np.clip(base + rng.integers(-cfg.color_jitter, cfg.color_jitter + 1, 3), 0, 255))
-        specs.append((cat, cx, cy, extent, angle, rgb))
+        specs.append((cat, cx, cy, extent, angle, _jittered(rng, cat[0], cfg.color_jitter)))
 
     layers = []  # per object: coverage in [0, 1] at output resolution
     for cat, cx, cy, extent, angle, rgb in specs:
@@ -243,17 +265,25 @@ def render_scene(seed: int, cfg: WorldConfig = WorldConfig()) -> Scene:
         noise = rng.normal(0, rng.uniform(2, 7), size=(H, W, 1))
         image = Image.fromarray(np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8))
 
-    objects = []
+    objects, occluded = [], []
     for i, ((cat, *_rest), cov) in enumerate(zip(specs, layers)):
-        visible = cov >= 0.5
+        full = cov >= 0.5
+        visible = full.copy()
         for later in layers[i + 1 :]:
             visible &= later < 0.5
-        if not visible.any():
+        if not full.any():
             continue
-        ys, xs = np.nonzero(visible)
+        shown = visible if visible.any() else full
+        ys, xs = np.nonzero(shown)
         bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        objects.append(SceneObject(cat[1], cat[0], specs[i][5], bbox, visible))
-    return Scene(image=image, objects=tuple(objects), background=bg, seed=seed)
+        obj = SceneObject(cat[1], cat[0], specs[i][5], bbox, shown)
+        (objects if visible.any() else occluded).append(obj)
+    return Scene(image=image, objects=tuple(objects), background=bg, seed=seed, occluded=tuple(occluded))
+
+
+def _jittered(rng: np.random.Generator, color: str, jitter: int) -> tuple[int, int, int]:
+    base = np.array(PALETTE[color])
+    return tuple(int(v) for v in np.clip(base + rng.integers(-jitter, jitter + 1, 3), 0, 255))
 
 
 def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:

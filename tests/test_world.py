@@ -59,3 +59,19 @@ def test_render_dataset_writes_pngs_and_rle(tmp_path):
 def test_invalid_world_config_is_rejected():
     with pytest.raises(ValueError, match="min_objects"):
         WorldConfig(min_objects=3, max_objects=2)
+
+
+def test_occluded_partners_are_hidden_behind_their_anchor():
+    found = 0
+    for s in scenes(5, 400, TRAIN_CONFIG):
+        for o in s.occluded:
+            found += 1
+            assert partner_of(o.category) in s.categories()
+            covered = np.zeros_like(o.mask)
+            for v in s.objects:
+                covered |= v.mask
+            assert covered[o.mask].all()  # every pixel of the hidden object shows something else
+            assert o.category in s.categories(include_occluded=True)
+    assert found > 20
+    # the evaluation distribution has none
+    assert not any(s.occluded for s in scenes(5, 200))
