@@ -9,7 +9,8 @@ Paths compared on the same inputs, greedy, a fixed number of decode steps:
   every step's full attention matrices kept (as `generate(output_attentions=True)` returns them).
 
 Each (model, path) runs in its own subprocess so peak memory is that path's alone (CUDA: peak
-allocated above the weights; CPU: peak RSS above the RSS after loading).
+allocated above what was allocated before the timed runs; CPU: peak RSS sampled during the timed runs
+above the RSS before them, after a warm-up run).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,27 @@ class BenchModel:
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _RssPeak:
+    """Peak resident memory while the block runs, sampled every millisecond by a thread (CPU has no
+    allocator statistics; torch ops release the GIL, so the sampler keeps running)."""
+
+    def __enter__(self):
+        self.base = self.peak = _rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss_mib())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib())
 
 
 def _llava15_shaped(layers: int, device, dtype):
@@ -166,8 +188,6 @@ def _worker(model_name: str, path: str, steps: int, reps: int, layers: int | Non
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated() / 2**20
-    else:
-        base_mem = _rss_mib()
     prefills, decodes = [], []
     for _ in range(reps):
         p, d = once()
@@ -176,7 +196,9 @@ def _worker(model_name: str, path: str, steps: int, reps: int, layers: int | Non
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20 - base_mem
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_mem
+        with _RssPeak() as rss:  # one more, untimed run: the sampler thread would perturb timings
+            once()
+        peak = rss.peak - rss.base
     return {
         "model": model_name,
         "path": path,
@@ -248,7 +270,9 @@ def render_markdown(rows: list[dict], specs: list[BenchModel], quick: bool) -> s
         "",
         "Written by `lucid bench`" + (" --quick" if quick else "") + "; every row of a table was measured in the "
         "same run, each path in its own process. Latencies are medians; ratios are against `sdpa`. "
-        "Peak memory is what the path needs above the loaded weights (CUDA: allocated; CPU: RSS).",
+        "Peak MiB: memory a run needed above what was resident before it, after a warm-up (CUDA: peak "
+        "allocated over the timed runs; CPU: peak RSS sampled every ms in one extra untimed run, so "
+        "allocator reuse makes small numbers noisy).",
         "",
     ]
     for spec in specs:

@@ -18,10 +18,24 @@ def test_bench_quick_writes_all_paths(tmp_path):
 
 def test_render_markdown_ratios():
     rows = [
-        {"model": "m", "path": "sdpa", "prefill_ms": 10.0, "decode_ms": 2.0, "peak_mib": 5, "device": "cpu",
-         "dtype": "float32"},
-        {"model": "m", "path": "eager+attn", "prefill_ms": 30.0, "decode_ms": 3.0, "peak_mib": 50, "device": "cpu",
-         "dtype": "float32"},
+        {
+            "model": "m",
+            "path": "sdpa",
+            "prefill_ms": 10.0,
+            "decode_ms": 2.0,
+            "peak_mib": 5,
+            "device": "cpu",
+            "dtype": "float32",
+        },
+        {
+            "model": "m",
+            "path": "eager+attn",
+            "prefill_ms": 30.0,
+            "decode_ms": 3.0,
+            "peak_mib": 50,
+            "device": "cpu",
+            "dtype": "float32",
+        },
     ]
     text = render_markdown(rows, [BenchModel("m", steps=4, reps=1)], quick=True)
     assert "| eager+attn | 30.0 | 3.00 | 3.00 | 1.50 | 50 |" in text

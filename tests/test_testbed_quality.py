@@ -12,8 +12,9 @@ from testbed.evaluate import EvalConfig, evaluate
 
 @pytest.fixture(scope="module")
 def metrics(testbed_vlm):
-    return evaluate(testbed_vlm, EvalConfig(n_scenes=40, n_foreign=40, seed=777, reference_scenes=800),
-                    show_progress=False)
+    return evaluate(
+        testbed_vlm, EvalConfig(n_scenes=40, n_foreign=40, seed=777, reference_scenes=800), show_progress=False
+    )
 
 
 def test_pope_random_and_colour(metrics):
