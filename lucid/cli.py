@@ -32,6 +32,16 @@ def _fail(msg: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _load_model(model: str):
+    """load_vlm, turning a bad checkpoint into the one-line error + exit 2."""
+    from vlm import CheckpointError, load_vlm
+
+    try:
+        return load_vlm(model)
+    except CheckpointError as e:
+        _fail(str(e))
+
+
 def _quiet() -> None:
     import logging
     import warnings
@@ -58,16 +68,13 @@ def ask(
     """Answer a question about an image."""
     _quiet()
     from lucid.ask import ask as run_ask
-    from vlm import CheckpointError, ImageError, SamplingParams, load_image, load_vlm
+    from vlm import ImageError, SamplingParams, load_image
 
     try:
         pil = load_image(image)
     except ImageError as e:
         _fail(str(e))
-    try:
-        vlm = load_vlm(model)
-    except CheckpointError as e:
-        _fail(str(e))
+    vlm = _load_model(model)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     result = run_ask(vlm, pil, question, sampling, attention=heatmap is not None)
     gen = result.generation
@@ -149,12 +156,8 @@ def testbed_eval(
     """Testbed quality: POPE splits, colour/count accuracy, caption recall and CHAIR."""
     _quiet()
     from testbed.evaluate import EvalConfig, evaluate
-    from vlm import CheckpointError, load_vlm
 
-    try:
-        vlm = load_vlm(model)
-    except CheckpointError as e:
-        _fail(str(e))
+    vlm = _load_model(model)
     metrics = evaluate(vlm, EvalConfig(n_scenes=n, seed=seed))
     metrics["model"] = vlm.name
     text = json.dumps(metrics, indent=1)
