@@ -9,8 +9,8 @@ Paths compared on the same inputs, greedy, a fixed number of decode steps:
   every step's full attention matrices kept (as `generate(output_attentions=True)` returns them).
 
 Each (model, path) runs in its own subprocess so peak memory is that path's alone (CUDA: peak
-allocated above what was allocated before the timed runs; CPU: peak RSS sampled during the timed runs
-above the RSS before them, after a warm-up run).
+allocated above what was allocated before the timed runs; CPU: peak RSS sampled every millisecond
+during one extra, untimed run, above the RSS before it; both after a warm-up run).
 """
 
 from __future__ import annotations

@@ -23,11 +23,10 @@ from testbed.language import (
     color_question,
     cooccurrence,
     count_question,
-    existence_question,
     mentioned_categories,
     pope_questions,
 )
-from testbed.world import CATEGORIES, SHAPES, TRAIN_CONFIG, Scene, WorldConfig, scenes
+from testbed.world import SHAPES, TRAIN_CONFIG, Scene, WorldConfig, scenes
 from vlm import VLM, SamplingParams, build_inputs, generate
 
 
@@ -123,12 +122,7 @@ def evaluate(vlm: VLM, cfg: EvalConfig = EvalConfig(), plan: Plan | None = None,
     for i in range(cfg.n_foreign):
         f = draw_foreign_scene(cfg.seed + 7919 * (i + 1))
         fs = _ForeignAsScene(f)
-        absent = [c for c in CATEGORIES if c not in f.categories]
-        neg = [absent[j] for j in rng.permutation(len(absent))[: len(f.categories)]]
-        for c in sorted(f.categories):
-            families.setdefault("foreign_pope", []).append((fs, QA(existence_question(*c), "Yes", "exist")))
-        for c in neg:
-            families.setdefault("foreign_pope", []).append((fs, QA(existence_question(*c), "No", "exist")))
+        families.setdefault("foreign_pope", []).extend((fs, qa) for qa in pope_questions(fs, "random", rng, freq, co))
         for shape, colors in f.colors_by_shape.items():
             if len(colors) == 1:
                 qa = QA(color_question(shape), colors[0].capitalize(), "color")

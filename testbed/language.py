@@ -39,8 +39,7 @@ CAPTION_QUESTION = "Describe the image."
 
 def caption(scene: Scene, include_occluded: bool = False) -> str:
     """Ground-truth caption: every object, left to right, identical categories grouped."""
-    objs = scene.objects + scene.occluded if include_occluded else scene.objects
-    order = sorted(objs, key=lambda o: (o.bbox[0] + o.bbox[2], o.bbox[1] + o.bbox[3]))
+    order = sorted(scene.all_objects(include_occluded), key=lambda o: (o.bbox[0] + o.bbox[2], o.bbox[1] + o.bbox[3]))
     counts = Counter(o.category for o in order)
     seen: list[tuple[str, str]] = []
     for o in order:
@@ -85,7 +84,6 @@ def sample_qas(scene: Scene, rng: np.random.Generator, n: int) -> list[QA]:
     cats = scene.categories(include_occluded=True)
     present = sorted(cats)
     absent = [c for c in CATEGORIES if c not in cats]
-    everything = scene.objects + scene.occluded
     unique_shapes = [s for s in SHAPES if scene.count(s, include_occluded=True) == 1]
     out: list[QA] = []
     for _ in range(n):
@@ -98,7 +96,7 @@ def sample_qas(scene: Scene, rng: np.random.Generator, n: int) -> list[QA]:
             out.append(QA(existence_question(*cat), "Yes" if cat in cats else "No", "exist"))
         elif r < 0.68 and unique_shapes:
             shape = unique_shapes[int(rng.integers(len(unique_shapes)))]
-            color = next(o.color for o in everything if o.shape == shape)
+            color = next(o.color for o in scene.all_objects(True) if o.shape == shape)
             out.append(QA(color_question(shape), color.capitalize(), "color"))
         elif r < 0.82:
             shape = SHAPES[int(rng.integers(len(SHAPES)))]

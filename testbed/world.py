@@ -138,14 +138,15 @@ class Scene:
     seed: int
     occluded: tuple[SceneObject, ...] = ()
 
+    def all_objects(self, include_occluded: bool = False) -> tuple[SceneObject, ...]:
+        """The visible objects, followed by the occluded ones if asked."""
+        return self.objects + self.occluded if include_occluded else self.objects
+
     def categories(self, include_occluded: bool = False) -> set[tuple[str, str]]:
-        """Categories of the visible objects (and of the occluded ones too, if asked)."""
-        objs = self.objects + self.occluded if include_occluded else self.objects
-        return {o.category for o in objs}
+        return {o.category for o in self.all_objects(include_occluded)}
 
     def count(self, shape: str, include_occluded: bool = False) -> int:
-        objs = self.objects + self.occluded if include_occluded else self.objects
-        return sum(o.shape == shape for o in objs)
+        return sum(o.shape == shape for o in self.all_objects(include_occluded))
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -232,7 +233,7 @@ def render_scene(seed: int, cfg: WorldConfig = WorldConfig()) -> Scene:
             _, acx, acy, aext, _, _ = anchor
             if anchor[0][1] == "triangle":
                 acy += aext * math.sqrt(3) / 12
-            angle = float(rng.uniform(-cfg.rotation, cfg.rotation)) if cat[1] != "circle" else 0.0
+            angle = _angle(rng, cat[1], cfg.rotation)
             rgb = _jittered(rng, cat[0], cfg.color_jitter)
             specs.insert(len(specs) - 1, (cat, acx, acy, aext / 3, angle, rgb))
             continue
@@ -249,7 +250,7 @@ def render_scene(seed: int, cfg: WorldConfig = WorldConfig()) -> Scene:
         else:
             continue  # no room: drop the object (the ground truth only lists what is drawn)
         placed.append(box)
-        angle = float(rng.uniform(-cfg.rotation, cfg.rotation)) if cat[1] != "circle" else 0.0
+        angle = _angle(rng, cat[1], cfg.rotation)
         specs.append((cat, cx, cy, extent, angle, _jittered(rng, cat[0], cfg.color_jitter)))
 
     layers = []  # per object: coverage in [0, 1] at output resolution
@@ -279,6 +280,10 @@ def render_scene(seed: int, cfg: WorldConfig = WorldConfig()) -> Scene:
         obj = SceneObject(cat[1], cat[0], specs[i][5], bbox, shown)
         (objects if visible.any() else occluded).append(obj)
     return Scene(image=image, objects=tuple(objects), background=bg, seed=seed, occluded=tuple(occluded))
+
+
+def _angle(rng: np.random.Generator, shape: str, rotation: float) -> float:
+    return float(rng.uniform(-rotation, rotation)) if shape != "circle" else 0.0
 
 
 def _jittered(rng: np.random.Generator, color: str, jitter: int) -> tuple[int, int, int]:
