@@ -80,6 +80,7 @@ def make_batch(
     batch_size: int,
     turns: tuple[int, int] = (1, 4),
     with_text: bool = True,
+    region: float = 0.0,
 ) -> Batch:
     size = processor.image_processor.crop_size["height"]
     grid = size // processor.patch_size
@@ -96,7 +97,7 @@ def make_batch(
     seqs = []
     for s in scenes:
         n = int(rng.integers(turns[0], turns[1] + 1))
-        seqs.append(encode_conversation(processor, grid * grid, sample_qas(s, rng, n)))
+        seqs.append(encode_conversation(processor, grid * grid, sample_qas(s, rng, n, region)))
     T = max(len(ids) for ids, _ in seqs)
     pad = processor.tokenizer.pad_token_id
     input_ids = torch.full((batch_size, T), pad, dtype=torch.long)

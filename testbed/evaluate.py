@@ -1,8 +1,11 @@
 """Quality of a VLM on fresh held-out testbed scenes, through the real generation path.
 
 Metrics: POPE random / popular / adversarial (accuracy, precision, recall, F1, yes-ratio of the
-predictions), colour accuracy, count accuracy, caption object recall and CHAIR (CHAIR_i: share of
-mentioned objects that are absent; CHAIR_s: share of captions with at least one).
+predictions); the partner-absent split (a scene showing one member of a co-occurring pair without its
+partner, asked about the partner: the false-yes rate, and how often its caption names the absent
+partner); colour accuracy, count accuracy, caption object recall and CHAIR (CHAIR_i: share of mentioned
+objects that are absent; CHAIR_s: share of captions with at least one); and box-as-text accuracy of
+"Where is the {colour} {shape}?" (IoU >= 0.5 with the object's box), LLaVA-1.5's REC analogue.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from rich.console import Console
 from rich.progress import Progress
 
 from mitigation import Plan
@@ -23,10 +27,13 @@ from testbed.language import (
     color_question,
     cooccurrence,
     count_question,
+    existence_question,
     mentioned_categories,
+    parse_box,
     pope_questions,
+    where_question,
 )
-from testbed.world import SHAPES, TRAIN_CONFIG, Scene, WorldConfig, scenes
+from testbed.world import SHAPES, TRAIN_CONFIG, Scene, WorldConfig, partner_of, scenes
 from vlm import VLM, SamplingParams, build_inputs, generate
 
 
@@ -74,6 +81,28 @@ def binary_metrics(preds: list[str], labels: list[str]) -> dict[str, float]:
     }
 
 
+def absent_partners(scene: Scene) -> list[tuple[str, str]]:
+    """Categories absent from `scene` whose co-occurrence partner is present (the sharpest probe of
+    the language prior: POPE-adversarial averages it with other negatives)."""
+    cats = scene.categories()
+    out = {partner_of(c) for c in cats} - cats - {None}
+    return sorted(out)  # type: ignore[arg-type]
+
+
+def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def referable_objects(scene: Scene):
+    """Visible objects whose category is unique in the scene (a referring phrase picks one object)."""
+    cats = [o.category for o in scene.all_objects(True)]
+    return [o for o in scene.objects if cats.count(o.category) == 1]
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     n_scenes: int = 300
@@ -82,6 +111,7 @@ class EvalConfig:
     world: WorldConfig = WorldConfig()
     reference_scenes: int = 2000  # for POPE popular/adversarial statistics (training distribution)
     n_foreign: int = 150  # scenes drawn by other code (testbed.foreign): other sizes, colours +-20
+    where: bool = True  # also measure "Where is the {c} {s}?" -> box as text
 
 
 def _answer_all(
@@ -119,6 +149,13 @@ def evaluate(vlm: VLM, cfg: EvalConfig = EvalConfig(), plan: Plan | None = None,
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         families.setdefault("count", []).append((s, QA(count_question(shape), str(s.count(shape)), "count")))
         families.setdefault("caption", []).append((s, QA(CAPTION_QUESTION, "", "caption")))
+        for cat in absent_partners(s):
+            families.setdefault("partner_absent", []).append((s, QA(existence_question(*cat), "No", "exist")))
+        if cfg.where:
+            for o in referable_objects(s):
+                w, h = s.image.size
+                box = ",".join(str(v) for v in (o.bbox[0] / w, o.bbox[1] / h, o.bbox[2] / w, o.bbox[3] / h))
+                families.setdefault("where", []).append((s, QA(where_question(o.color, o.shape), box, "where")))
     for i in range(cfg.n_foreign):
         f = draw_foreign_scene(cfg.seed + 7919 * (i + 1))
         fs = _ForeignAsScene(f)
@@ -129,12 +166,26 @@ def evaluate(vlm: VLM, cfg: EvalConfig = EvalConfig(), plan: Plan | None = None,
                 families.setdefault("foreign_color", []).append((fs, qa))
     total = sum(len(v) for v in families.values())
     results: dict = {"n_scenes": cfg.n_scenes, "seed": cfg.seed}
-    with Progress(disable=not show_progress) as bar:
+    with Progress(disable=not show_progress, console=Console(stderr=True)) as bar:  # stdout stays for results
         task = bar.add_task("testbed eval", total=total)
         for name, items in families.items():
-            max_new = 48 if name == "caption" else 4
+            max_new = 48 if name == "caption" else 12 if name == "where" else 4
             answers = _answer_all(vlm, items, cfg.batch_size, max_new, plan, lambda k: bar.advance(task, k))
-            if name.startswith("pope_") or name == "foreign_pope":
+            if name == "partner_absent":
+                preds = [parse_yes_no(a) for a in answers]
+                results[name] = {"false_yes_rate": float(np.mean([p == "yes" for p in preds])), "n": len(preds)}
+            elif name == "where":
+                ious = []
+                for a, (_, qa) in zip(answers, items):
+                    pred = parse_box(a)
+                    truth = tuple(float(v) for v in qa.answer.split(","))
+                    ious.append(box_iou(pred, truth) if pred is not None else 0.0)
+                results["where"] = {
+                    "box_accuracy": float(np.mean([i >= 0.5 for i in ious])),
+                    "mean_iou": float(np.mean(ious)),
+                    "n": len(ious),
+                }
+            elif name.startswith("pope_") or name == "foreign_pope":
                 preds = [parse_yes_no(a) for a in answers]
                 results[name] = binary_metrics(preds, [qa.answer.lower() for _, qa in items])
             elif name in ("color", "count", "foreign_color"):
@@ -144,12 +195,18 @@ def evaluate(vlm: VLM, cfg: EvalConfig = EvalConfig(), plan: Plan | None = None,
                 mentioned = [mentioned_categories(a) for a in answers]
                 truth = [s.categories() for s, _ in items]
                 hits = sum(len(m & t) for m, t in zip(mentioned, truth))
+                partner_scenes = [(m, set(absent_partners(s))) for m, (s, _) in zip(mentioned, items)]
+                partner_scenes = [(m, p) for m, p in partner_scenes if p]
                 results["caption"] = {
                     "recall": hits / max(1, sum(len(t) for t in truth)),
                     "chair_i": sum(len(m - t) for m, t in zip(mentioned, truth))
                     / max(1, sum(len(m) for m in mentioned)),
                     "chair_s": float(np.mean([bool(m - t) for m, t in zip(mentioned, truth)])),
                     "mean_length_words": float(np.mean([len(a.split()) for a in answers])),
+                    # of the captions of scenes with an absent partner, the share that names one
+                    "partner_absent_named": float(np.mean([bool(m & p) for m, p in partner_scenes]))
+                    if partner_scenes
+                    else 0.0,
                     "examples": [
                         {"truth": sorted(" ".join(c) for c in t), "answer": a} for t, a in list(zip(truth, answers))[:5]
                     ],

@@ -12,6 +12,7 @@ Captions list objects left to right (by box centre), grouping identical categori
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -35,6 +36,35 @@ def count_question(shape: str) -> str:
 
 
 CAPTION_QUESTION = "Describe the image."
+
+
+def where_question(color: str, shape: str) -> str:
+    return f"Where is the {color} {shape}?"
+
+
+def region_question(box: tuple[int, int, int, int]) -> str:
+    return f"What is at {format_box(box)}?"
+
+
+def normalized_box(bbox: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A pixel box (x0, y0, x1, y1 exclusive) of an image of `size` (w, h) -> integer percent of the
+    image side, 0..100: the testbed's coordinate convention (LLaVA-1.5 writes normalized floats with two
+    decimals, e.g. [0.12, 0.34, 0.56, 0.78]; percent keeps the same precision in one token per number)."""
+    w, h = size
+    x0, y0, x1, y1 = bbox
+    return (round(100 * x0 / w), round(100 * y0 / h), round(100 * x1 / w), round(100 * y1 / h))
+
+
+def format_box(box: tuple[int, int, int, int]) -> str:
+    return "[" + ", ".join(str(int(v)) for v in box) + "]"
+
+
+def parse_box(text: str) -> tuple[float, float, float, float] | None:
+    """'[12, 34, 56, 78]' anywhere in `text` -> (0.12, 0.34, 0.56, 0.78) as fractions of the image side."""
+    m = re.search(r"\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]", text)
+    if m is None:
+        return None
+    return tuple(int(g) / 100.0 for g in m.groups())  # type: ignore[return-value]
 
 
 def caption(scene: Scene, include_occluded: bool = False) -> str:
@@ -71,22 +101,35 @@ def mentioned_categories(text: str) -> set[tuple[str, str]]:
 class QA:
     question: str
     answer: str
-    kind: str  # "exist" | "color" | "count" | "caption"
+    kind: str  # "exist" | "color" | "count" | "caption" | "where" | "region"
 
 
-def sample_qas(scene: Scene, rng: np.random.Generator, n: int) -> list[QA]:
-    """`n` training QAs for a scene: balanced existence, colour (unique shapes only), count, caption.
+def sample_qas(scene: Scene, rng: np.random.Generator, n: int, region: float = 0.0) -> list[QA]:
+    """`n` training QAs for a scene: balanced existence, colour (unique shapes only), count, caption,
+    and with probability `region` a region-level QA (LLaVA-1.5's RefCOCO / Visual Genome analogue):
+    "Where is the {c} {s}?" -> its box, or "What is at [box]?" -> "A {c} {s}.".
 
     Answers are about the scene, occluded objects included (as annotations are). Negatives for
     existence are drawn uniformly from absent categories (as in ordinary instruction data), so the
-    co-occurrence prior is learned, not trained away.
+    co-occurrence prior is learned, not trained away. Region QAs are asked about visible objects whose
+    category is unique in the scene (a referring expression must refer to one object).
     """
     cats = scene.categories(include_occluded=True)
     present = sorted(cats)
     absent = [c for c in CATEGORIES if c not in cats]
     unique_shapes = [s for s in SHAPES if scene.count(s, include_occluded=True) == 1]
     out: list[QA] = []
+    counts = Counter(o.category for o in scene.all_objects(True))
+    referable = [o for o in scene.objects if counts[o.category] == 1]
     for _ in range(n):
+        if referable and rng.random() < region:
+            o = referable[int(rng.integers(len(referable)))]
+            box = normalized_box(o.bbox, scene.image.size)
+            if rng.random() < 0.65:
+                out.append(QA(where_question(o.color, o.shape), format_box(box), "where"))
+            else:
+                out.append(QA(region_question(box), f"A {o.name}.", "region"))
+            continue
         r = rng.random()
         if r < 0.5:
             if rng.random() < 0.5 or not absent:
@@ -170,4 +213,13 @@ def training_corpus() -> list[str]:
         answers.append(f"The image shows a {category_name(a)} and a {category_name(b)}.")
     for w in NUMBER_WORDS[2:]:
         answers += [f"The image shows {w} {c} {s}s, a {c} {s} and a {c} {s}." for c, s in CATEGORIES]
-    return [f"USER: {q} ASSISTANT:" for q in questions] + [f"ASSISTANT: {a}" for a in answers]
+    questions += [where_question(c, s) for c, s in CATEGORIES]
+    answers += [f"A {category_name(c)}." for c in CATEGORIES]
+    # every coordinate 0..100, first in a box and after a comma, several times so that BPE makes each
+    # one a single token (a box is then 9 tokens: "[", "12", ",", " 34", ",", " 56", ",", " 78", "]")
+    boxes = [format_box((v, v, v, v)) for v in range(101)] * 4
+    return (
+        [f"USER: {q} ASSISTANT:" for q in questions]
+        + [f"ASSISTANT: {a}" for a in answers]
+        + [f"USER: What is at {b}? ASSISTANT: {b}" for b in boxes]
+    )

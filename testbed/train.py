@@ -4,10 +4,14 @@ Stages (each checkpointed under OUT/.work, so an interrupted run resumes at the 
 
 1. **vision**: pre-train the CLIP vision tower alone with dense supervision the shapes world gives
    for free: every patch token of the layer LLaVA reads (`vision_feature_layer`) predicts which
-   category covers it (soft coverage, background included), and the pooled CLS predicts the set of
-   categories in the scene (the "caption" of the image). Both heads are thrown away afterwards.
+   category covers it (soft coverage, background included) and, with weight `vision_position`, its own
+   grid row and column (so the features LLaVA reads keep where they are, as CLIP's keep it on real
+   photos), and the pooled CLS predicts the set of categories in the scene (the "caption" of the
+   image). The heads are thrown away afterwards.
 2. **align**: vision tower frozen; projector and Llama trained from scratch on multi-turn
-   instruction data (existence, colour, count, captions), loss on answers only.
+   instruction data (existence, colour, count, captions, and a `region` share of region-level data:
+   "Where is the {c} {s}?" -> a box as text, "What is at [box]?" -> the object, LLaVA-1.5's RefCOCO /
+   Visual Genome analogue), loss on answers only. No loss touches attention.
 3. **tune**: everything trainable, the vision tower at a lower learning rate.
 
 Run: `lucid testbed train --seed 0 --out DIR`. The result is an ordinary llava-hf directory.
@@ -42,7 +46,7 @@ class Recipe:
     vision_steps: int = 1200
     vision_batch: int = 48
     vision_lr: float = 2e-3
-    align_steps: int = 2000
+    align_steps: int = 2400
     tune_steps: int = 1200
     batch: int = 32
     lr: float = 1e-3
@@ -51,6 +55,8 @@ class Recipe:
     weight_decay: float = 0.01
     turns: tuple[int, int] = (1, 4)
     threads: int = 2
+    region: float = 0.3  # share of QAs that are region-level (box as text / object at a box)
+    vision_position: float = 0.5  # weight of the vision stage's patch row/column targets (0 = off)
 
 
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -74,20 +80,32 @@ def _progress() -> Progress:
 class VisionHeads(torch.nn.Module):
     """Throw-away pre-training heads: dense patch categories and scene-level multi-label."""
 
-    def __init__(self, hidden: int, n_categories: int):
+    def __init__(self, hidden: int, n_categories: int, grid: int):
         super().__init__()
+        self.grid = grid
         self.patch = torch.nn.Linear(hidden, 1 + n_categories)
         self.scene = torch.nn.Linear(hidden, n_categories)
+        self.position = torch.nn.Linear(hidden, 2 * grid)  # row logits, column logits
 
 
-def _vision_loss(model: LlavaForConditionalGeneration, heads: VisionHeads, batch: Batch) -> torch.Tensor:
+def _vision_loss(
+    model: LlavaForConditionalGeneration, heads: VisionHeads, batch: Batch, position_weight: float
+) -> torch.Tensor:
     cfg = model.config
     out = model.model.vision_tower(batch.pixel_values, output_hidden_states=True)
     patches = out.hidden_states[cfg.vision_feature_layer][:, 1:]  # [B, G*G, D]
     logp = F.log_softmax(heads.patch(patches), -1)
     dense = -(batch.patch_targets * logp).sum(-1).mean()
     scene = F.binary_cross_entropy_with_logits(heads.scene(out.pooler_output), batch.present)
-    return dense + scene
+    loss = dense + scene
+    if position_weight > 0:
+        g = heads.grid
+        idx = torch.arange(g * g)
+        logits = heads.position(patches)  # [B, G*G, 2G]
+        row = F.cross_entropy(logits[..., :g].flatten(0, 1), (idx // g).repeat(len(patches)))
+        col = F.cross_entropy(logits[..., g:].flatten(0, 1), (idx % g).repeat(len(patches)))
+        loss = loss + position_weight * (row + col)
+    return loss
 
 
 def _run_stage(name, steps, params_groups, loss_fn, batch_fn, recipe, progress, log):
@@ -166,7 +184,7 @@ def train(out: str | Path, recipe: Recipe = Recipe()) -> dict:
     config = build_config(recipe.shape, tokenizer)
     model = LlavaForConditionalGeneration(config)
     model.train()
-    heads = VisionHeads(recipe.shape.vision_hidden, len(CATEGORIES))
+    heads = VisionHeads(recipe.shape.vision_hidden, len(CATEGORIES), recipe.shape.grid)
     rng = np.random.default_rng(recipe.seed)
     log: list[dict] = []
     timings: dict[str, float] = {}
@@ -184,7 +202,7 @@ def train(out: str | Path, recipe: Recipe = Recipe()) -> dict:
             "vision",
             recipe.vision_steps,
             lambda: [{"params": list(vision.parameters()) + list(heads.parameters()), "lr": recipe.vision_lr}],
-            lambda b: _vision_loss(model, heads, b),
+            lambda b: _vision_loss(model, heads, b, recipe.vision_position),
             lambda: make_batch(processor, rng, recipe.world, recipe.vision_batch, with_text=False),
         ),
         (
@@ -192,7 +210,7 @@ def train(out: str | Path, recipe: Recipe = Recipe()) -> dict:
             recipe.align_steps,
             lambda: [{"params": rest, "lr": recipe.lr}],
             lm_loss,
-            lambda: make_batch(processor, rng, recipe.world, recipe.batch, recipe.turns),
+            lambda: make_batch(processor, rng, recipe.world, recipe.batch, recipe.turns, region=recipe.region),
         ),
         (
             "tune",
@@ -202,7 +220,7 @@ def train(out: str | Path, recipe: Recipe = Recipe()) -> dict:
                 {"params": list(vision.parameters()), "lr": recipe.lr * recipe.tune_vision_lr_scale},
             ],
             lm_loss,
-            lambda: make_batch(processor, rng, recipe.world, recipe.batch, recipe.turns),
+            lambda: make_batch(processor, rng, recipe.world, recipe.batch, recipe.turns, region=recipe.region),
         ),
     ]
     with _progress() as progress:

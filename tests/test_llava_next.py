@@ -1,4 +1,5 @@
-"""LLaVA-NeXT checkpoints load and generate through the same code; the layout maps the base view."""
+"""LLaVA-NeXT checkpoints load and generate through the same code; the layout maps the base view and
+the high-resolution tiles."""
 
 import numpy as np
 import pytest
@@ -85,3 +86,90 @@ def test_llava_next_loads_generates_and_maps_base_view(next_dir):
     assert np.abs(got - want).max() < 1.0
     gen = generate(vlm, inputs, SamplingParams(max_new_tokens=3))[0]
     assert len(gen.token_ids) >= 1
+
+
+@pytest.fixture(scope="module")
+def next_vlm(next_dir):
+    from vlm import load_vlm
+
+    return load_vlm(next_dir)
+
+
+def _spot(w, h, x, y, r=4):
+    a = np.zeros((h, w, 3), np.uint8)
+    a[y - r : y + r + 1, x - r : x + r + 1] = 255
+    return Image.fromarray(a)
+
+
+def test_build_inputs_maps_the_tiles_of_every_row(next_vlm):
+    """A left-padded batch of a wide, a tall, an odd-sized and a near-square (2x2 tiles) image: every image
+    token of a row is a base cell, a tile cell or a newline, and a bright spot lands in the tile patch the
+    layout names."""
+    from vlm import build_inputs
+
+    vlm = next_vlm
+    spots = [(160, 60, 120, 20), (50, 170, 20, 130), (97, 41, 30, 25), (70, 60, 52, 12)]  # (w, h, x, y)
+    inputs = build_inputs(vlm, [_spot(*s) for s in spots], ["Describe the image."] * len(spots))
+    assert [lt.tiles.tile_grid for lt in inputs.layouts] == [(1, 2), (2, 1), (1, 2), (2, 2)]
+    p = vlm.model.config.vision_config.patch_size
+    for b, (w, h, x, y) in enumerate(spots):
+        layout = inputs.layouts[b]
+        tiles = layout.tiles
+        assert tiles is not None and tiles.geometry.original_size == (w, h)
+        image_positions = torch.nonzero(inputs.input_ids[b] == vlm.image_token_id).flatten().tolist()
+        assert list(layout.all_token_positions) == image_positions
+        assert layout.token_positions == tuple(image_positions[:16])  # the base view comes first
+        assert len(layout.newline_positions) == tiles.grid[0]
+        cell = tiles.cell_of(x + 0.5, y + 0.5)
+        k, pr, pc = tiles.tile_cell(*cell)
+        qx, qy = tiles.geometry.to_processed(np.array([x + 0.5, y + 0.5])) - np.array(cell[::-1]) * p
+        pix = inputs.pixel_values[b, k].float().mean(0)  # [S, S] of the tile the layout names
+        assert pix[int(pr * p + qy), int(pc * p + qx)] > pix.max() / 2, (b, cell, (k, pr, pc))
+
+
+def test_real_model_features_follow_the_layout(next_vlm):
+    """The features the real model splices in (get_image_features: tower, projector, pack) are, at every
+    tile cell's token, the projected tower feature of the tile patch `tile_cell` names."""
+    from vlm import build_inputs
+
+    vlm = next_vlm
+    m = vlm.model.model
+    rng = np.random.default_rng(0)  # noise: every tile patch gets a distinct feature
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(160, 60), (50, 170), (70, 60)]
+    ]
+    inputs = build_inputs(vlm, images, ["Describe the image.", "What is it?", "Describe the image."])
+    with torch.no_grad():
+        packed = m.get_image_features(inputs.pixel_values, inputs.image_sizes).pooler_output  # B x [N, D]
+        for b, layout in enumerate(inputs.layouts):
+            tiles = layout.tiles
+            n = 1 + tiles.tile_grid[0] * tiles.tile_grid[1]
+            hidden = m.vision_tower(inputs.pixel_values[b, :n], output_hidden_states=True).hidden_states[-2]
+            per_tile = m.multi_modal_projector(hidden[:, 1:])  # [tiles + 1, g*g, D], CLS dropped ("default")
+            index = {pos: i for i, pos in enumerate(layout.all_token_positions)}
+            assert packed[b].shape[0] == len(index)
+            g = tiles.tile_cells
+            for r in range(g):
+                for c in range(g):
+                    got = packed[b][index[layout.token_positions[r * g + c]]]
+                    torch.testing.assert_close(got, per_tile[0, r * g + c], atol=1e-4, rtol=1e-4)
+            rows, cols = tiles.grid
+            for r in range(rows):
+                for c in range(cols):
+                    k, tr, tc = tiles.tile_cell(r, c)
+                    got = packed[b][index[tiles.token_positions[r * cols + c]]]
+                    torch.testing.assert_close(got, per_tile[k, tr * g + tc], atol=1e-4, rtol=1e-4)
+            for pos in layout.newline_positions:
+                torch.testing.assert_close(packed[b][index[pos]], m.image_newline)
+
+
+def test_build_inputs_rejects_a_token_count_the_model_would_not_pack(next_vlm):
+    from vlm import build_inputs
+
+    proc = next_vlm.processor
+    proc.num_additional_image_tokens = 0  # the processor now emits one image token fewer than the model packs
+    try:
+        with pytest.raises(ValueError, match="processor emitted .* image tokens"):
+            build_inputs(next_vlm, [_spot(160, 60, 120, 20)], ["Describe the image."])
+    finally:
+        proc.num_additional_image_tokens = 1

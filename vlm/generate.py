@@ -16,6 +16,7 @@ from transformers import DynamicCache
 import mitigation
 from mitigation.plan import Plan
 from mitigation.recorder import AttentionRecorder
+from mitigation.risk import RiskModel, token_features
 from vlm.loader import VLM
 from vlm.types import Generation, SamplingParams, Timings, VLMInputs
 
@@ -58,18 +59,34 @@ def generate(
     sampling: SamplingParams = SamplingParams(),
     plan: Plan | None = None,
     recorder: AttentionRecorder | None = None,
+    risk: RiskModel | None = None,
 ) -> list[Generation]:
     """Generate answers for a batch.
 
     Args:
         plan: attention edits applied in every model call of this generation (None: baseline).
         recorder: receives image-attention rows / hidden states for the prefill and each step.
+        risk: a fitted risk model (`mitigation.risk`): each Generation then carries `risk` and
+            `token_risk`. It reads `recorder` if given (which must record the model's layers with
+            prefill_rows "last" or "all"), else an internal head-mean recorder of those layers.
 
     Returns:
         One `Generation` per row, with text (special tokens stripped), token ids, finish reason,
         timings (prefill, per decode step) and the row's ImageLayout.
     """
     model, tok, dev = vlm.model, vlm.processor.tokenizer, vlm.device
+    if risk is not None:
+        rows_needed = "all" if risk.use_prompt else "last"
+        if recorder is None:
+            recorder = AttentionRecorder(layers=risk.layers, prefill_rows=rows_needed, reduce_heads="mean")
+        elif not all(recorder.wants_attention(layer) for layer in risk.layers) or recorder.prefill_rows not in (
+            rows_needed,
+            "all",
+        ):
+            raise ValueError(
+                f"the risk model reads layers {list(risk.layers)} with prefill_rows {rows_needed!r}; "
+                f"the recorder given records {recorder.prefill_rows!r}"
+            )
     eos = model.generation_config.eos_token_id
     eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id], device=dev)
     pad = tok.pad_token_id if tok.pad_token_id is not None else int(eos_ids[0])
@@ -82,6 +99,7 @@ def generate(
     cache = DynamicCache(config=model.config)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out_tokens: list[torch.Tensor] = []
+    out_logprobs: list[torch.Tensor] = []
     step_times: list[float] = []
     with mitigation.scope(
         plan, recorder, image_mask=inputs.input_ids == vlm.image_token_id, n_heads=vlm.n_heads, n_layers=vlm.n_layers
@@ -97,6 +115,7 @@ def generate(
         for step in range(sampling.max_new_tokens):
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out_tokens.append(nxt)
+            out_logprobs.append(torch.log_softmax(out.logits[:, -1].float(), -1).gather(1, nxt[:, None])[:, 0])
             done = done | torch.isin(nxt, eos_ids)
             if step == sampling.max_new_tokens - 1 or bool(done.all()):
                 break
@@ -115,8 +134,10 @@ def generate(
             step_times.append(time.perf_counter() - t)
     timings = Timings(prefill_s=prefill, decode_s=tuple(step_times))
     tokens = torch.stack(out_tokens, dim=1).tolist()
+    logprobs = torch.stack(out_logprobs, dim=1).tolist()
     eos_set = set(eos_ids.tolist())
-    results = []
+    rows: list[list[int]] = []
+    reasons = []
     for b in range(B):
         row = []
         reason = "length"
@@ -125,8 +146,35 @@ def generate(
                 reason = "eos"
                 break
             row.append(t)
+        rows.append(row)
+        reasons.append(reason)
+    risks: list[tuple[float, ...] | None] = [None] * B
+    if risk is not None:
+        # a token's features come from the row that emits it; an answer cut at eos still has its eos row
+        n = [max(1, len(r)) for r in rows]
+        prompt_rows = 1 if recorder.prefill_rows == "last" else inputs.input_ids.shape[1]
+        text_rows = None
+        if risk.use_prompt:
+            T = inputs.input_ids.shape[1]
+            text_rows = [range(max(lay.all_token_positions) + 1, T) for lay in inputs.layouts]
+        feats = token_features(
+            recorder, risk.layers, n, prompt_rows, logprobs if risk.use_confidence else None, text_rows
+        )
+        risks = [tuple(float(v) for v in risk.score(f)) for f in feats]
+    results = []
+    for b, row in enumerate(rows):
         text = tok.decode(row, skip_special_tokens=True).strip()
+        tr = risks[b]
         results.append(
-            Generation(text=text, token_ids=tuple(row), finish_reason=reason, timings=timings, layout=inputs.layouts[b])
+            Generation(
+                text=text,
+                token_ids=tuple(row),
+                finish_reason=reasons[b],
+                timings=timings,
+                layout=inputs.layouts[b],
+                token_logprobs=tuple(logprobs[b][: len(row)]),
+                risk=float(sum(tr) / len(tr)) if tr else None,
+                token_risk=tr,
+            )
         )
     return results

@@ -88,3 +88,6 @@ class Generation:
     finish_reason: str  # "eos" | "length"
     timings: Timings
     layout: ImageLayout
+    token_logprobs: tuple[float, ...] = ()  # the model's log-probability of each token (before temperature)
+    risk: float | None = None  # hallucination risk of the answer (mean over its tokens), if a risk model ran
+    token_risk: tuple[float, ...] | None = None
