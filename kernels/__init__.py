@@ -5,6 +5,22 @@
 """
 
 from kernels.dispatch import backend_for, edited_attention
-from kernels.reference import AttentionEdit, attention_rows_reference, edited_attention_reference
+from kernels.reference import (
+    AttentionEdit,
+    KeyEdit,
+    Redistribution,
+    attention_rows_reference,
+    edited_attention_reference,
+    redistribute_reference,
+)
 
-__all__ = ["AttentionEdit", "attention_rows_reference", "backend_for", "edited_attention", "edited_attention_reference"]
+__all__ = [
+    "AttentionEdit",
+    "KeyEdit",
+    "Redistribution",
+    "attention_rows_reference",
+    "backend_for",
+    "edited_attention",
+    "edited_attention_reference",
+    "redistribute_reference",
+]

@@ -5,6 +5,9 @@ Paths compared on the same inputs, greedy, a fixed number of decode steps:
 * `sdpa`: the model loaded with plain sdpa attention (no Lucid at all);
 * `lucid-idle`: Lucid's seam ("lucid" attention) with an empty plan in scope;
 * `lucid-record`: the seam recording image-attention rows of every layer, every step;
+* `lucid-risk`: what the hallucination-risk score (`mitigation.risk`) records: every layer's head-mean
+  image-attention rows, all prompt rows at prefill, then every step (the features are computed once after
+  the answer, outside the per-token timings);
 * `eager+attn`: the way the official method repos run: eager attention, `output_attentions=True`,
   every step's full attention matrices kept (as `generate(output_attentions=True)` returns them).
 
@@ -26,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-PATHS = ("sdpa", "lucid-idle", "lucid-record", "eager+attn")
+PATHS = ("sdpa", "lucid-idle", "lucid-record", "lucid-risk", "eager+attn")
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,11 @@ def _worker(model_name: str, path: str, steps: int, reps: int, layers: int | Non
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.config)
         kept = []  # eager+attn keeps every step's attentions, as generate(output_attentions=True) does
-        recorder = mitigation.AttentionRecorder(layers=None) if path == "lucid-record" else None
+        recorder = None
+        if path == "lucid-record":
+            recorder = mitigation.AttentionRecorder(layers=None)
+        elif path == "lucid-risk":
+            recorder = mitigation.AttentionRecorder(layers=None, prefill_rows="all", reduce_heads="mean")
         ctx = mitigation.scope(
             mitigation.Plan(),
             recorder,
@@ -249,16 +256,29 @@ def _machine() -> str:
     )
 
 
-def run_bench(out: str | Path, quick: bool = False, device: str | None = None) -> list[dict]:
-    from rich.progress import track
-
+def bench_specs(quick: bool = False) -> list[BenchModel]:
+    """What a run measures: the testbed model (32 decode steps x 5 reps), then the LLaVA-1.5-shaped model
+    (2 text layers, 8 steps x 2 reps); `quick`: the testbed model only, 8 steps x 1 rep (a CI smoke run)."""
     specs = [BenchModel("testbed", steps=8 if quick else 32, reps=1 if quick else 5)]
     if not quick:
         specs.append(BenchModel("llava15-shaped", steps=8, reps=2, layers=2))
+    return specs
+
+
+def run_bench(out: str | Path | None, quick: bool = False, device: str | None = None) -> list[dict]:
+    """Run every (model, path) of `bench_specs(quick)`, each in its own process, and write the Markdown table
+    to `out` (None: write nothing; `render_markdown` gives the text). Progress goes to stderr."""
+    from rich.console import Console
+    from rich.progress import track
+
+    from vlm.contract import write_output
+
+    specs = bench_specs(quick)
     jobs = [(s, p) for s in specs for p in PATHS]
-    rows = [_run_worker(s, p, device) for s, p in track(jobs, description="bench")]
-    out = Path(out)
-    out.write_text(render_markdown(rows, specs, quick))
+    progress = track(jobs, description="bench", console=Console(stderr=True))
+    rows = [_run_worker(s, p, device) for s, p in progress]
+    if out is not None:
+        write_output(out, render_markdown(rows, specs, quick))
     return rows
 
 

@@ -1,23 +1,29 @@
 """What to change in the text backbone's attention for a request, and the seam that applies it.
 
-Public surface: `Plan`, `LayerEdit`, `scope`, `current`, `AttentionRecorder`, `ATTN_IMPLEMENTATION`.
-Importing this package registers the "lucid" attention and mask functions with transformers.
+Public surface: `Plan`, `LayerEdit`, `scope`, `current`, `AttentionRecorder`, `ATTN_IMPLEMENTATION`,
+`prepare` / `Request` (a list of methods composed for one generate call; the methods themselves are in
+`mitigation.methods`). Importing this package registers the "lucid" attention and mask functions with
+transformers.
 """
 
 from mitigation.attention import ATTN_IMPLEMENTATION, install_hidden_capture, lucid_attention
 from mitigation.context import Active, current, scope
 from mitigation.plan import LayerEdit, Plan, compile_edits
 from mitigation.recorder import AttentionRecorder
+from mitigation.request import CompositionError, Request, prepare
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "Active",
     "AttentionRecorder",
+    "CompositionError",
     "LayerEdit",
     "Plan",
+    "Request",
     "compile_edits",
     "current",
     "install_hidden_capture",
     "lucid_attention",
+    "prepare",
     "scope",
 ]

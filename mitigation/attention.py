@@ -3,9 +3,10 @@
 Registered once in `AttentionInterface` and `AttentionMaskInterface` under the name "lucid" and set
 on the text backbone only (`attn_implementation={"text_config": "lucid", "vision_config": "sdpa"}`).
 With no active scope, or in a layer the scope does not touch, it is transformers' own sdpa path.
-Otherwise it runs `kernels.edited_attention` for edited layers and, for recorded layers, reads out
-the image-attention rows. The mask function is transformers' `sdpa_mask`: registering an attention
-function without one silently drops the causal mask.
+Otherwise the request's hooks may extend the layer's compiled edit (state known only at prefill), the
+layer runs `kernels.edited_attention` if it has an edit (sdpa if not), hooks may then act on the output
+before o_proj, and for recorded layers the (edited) image-attention rows are read out. The mask function
+is transformers' `sdpa_mask`: registering an attention function without one silently drops the causal mask.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kernels import attention_rows_reference, edited_attention
 from mitigation.context import current
+from mitigation.hooks import AttentionCall
 
 ATTN_IMPLEMENTATION = "lucid"
 
@@ -45,11 +47,19 @@ def lucid_attention(
     recorder = active.recorder if active.recorder is not None and active.recorder.wants_attention(layer) else None
     rows_sel = recorder.prefill_rows if recorder is not None else "all"
     edit = active.edits.get(layer)
+    hooks = active.attention_hooks.get(layer, ())
+    call = None
+    if hooks:
+        call = AttentionCall(layer, query, key, attention_mask, scale, active.image_index)
+        for hook in hooks:  # composition order: each extends the edit the previous ones left
+            edit = hook.edit(call, edit)
+    rows = None
     if edit is None:
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs
         )
-        rows = attention_rows_reference(query, key, attention_mask, scale, active.image_index, rows_sel)
+        if recorder is not None:
+            rows = attention_rows_reference(query, key, attention_mask, scale, active.image_index, rows_sel)
     else:
         out, rows = edited_attention(
             query,
@@ -61,8 +71,10 @@ def lucid_attention(
             record_index=active.image_index if recorder is not None else None,
             record_rows=rows_sel,
         )
+    for hook in hooks:
+        out = hook.output(call, out)
     if recorder is not None:
-        recorder.add_attention(layer, rows)
+        recorder.add_attention(layer, active.main_rows(rows))
     return out, None
 
 
@@ -74,19 +86,25 @@ def register() -> None:
 
 def _hidden_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     active = current()
-    if active is None or active.recorder is None:
+    if active is None:
         return
     index = module.self_attn.layer_idx
-    if active.recorder.wants_hidden(index):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        active.recorder.add_hidden(index, hidden)
+    hooks = active.input_hooks.get(index, ())
+    wants = active.recorder is not None and active.recorder.wants_hidden(index)
+    if not hooks and not wants:
+        return
+    hidden = args[0] if args else kwargs["hidden_states"]
+    for hook in hooks:
+        hook.layer_input(index, hidden)
+    if wants:
+        active.recorder.add_hidden(index, active.main_rows(hidden))
 
 
 def _final_norm_hook(index: int):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         active = current()
         if active is not None and active.recorder is not None and active.recorder.wants_hidden(index):
-            active.recorder.add_hidden(index, output)
+            active.recorder.add_hidden(index, active.main_rows(output))
 
     return hook
 

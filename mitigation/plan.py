@@ -1,20 +1,25 @@
-"""Plans: what to change in the text backbone's attention for one request.
+"""Plans: the static part of what to change in the text backbone's attention for one request.
 
 A `Plan` maps decoder-layer indices to `LayerEdit`s, model-agnostic descriptions (which key set,
 which query rows, per-head coefficients). `compile_edits` turns them into device tensors for one
-batch once, at scope entry, so the attention hot path does no Python work per head or layer.
-Methods (next issues) lower to plans; plans compose by `Plan.then`.
+batch once, at scope entry, so the attention hot path does no Python work per head.
+
+Plans compose: `a.then(b)` keeps, per layer, a's edits followed by b's. The order is the order of
+application: logit edits apply in sequence, each to the logits the previous one left
+(`z -> f_b(f_a(z))`); head scales multiply (order-free). Methods whose state is only known at
+prefill (VAR's sinks, VHR's heads) add their edits through request hooks (`mitigation.request`),
+after every static edit of the layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import torch
 
-from kernels.reference import AttentionEdit
+from kernels.reference import AttentionEdit, KeyEdit
 
 PerHead = float | tuple[float, ...]
 
@@ -44,19 +49,44 @@ class LayerEdit:
 
 @dataclass(frozen=True)
 class Plan:
-    """Per-layer attention edits for one request. An empty plan changes nothing."""
+    """Per-layer attention edits for one request. An empty plan changes nothing.
 
-    edits: Mapping[int, LayerEdit] = field(default_factory=dict)
+    `edits` maps a layer to a `LayerEdit` or a sequence of them (applied in order); it is stored as
+    layer -> tuple of LayerEdits.
+    """
+
+    edits: Mapping[int, LayerEdit | Sequence[LayerEdit]] = field(default_factory=dict)
     name: str = ""
 
     def __post_init__(self) -> None:
-        for layer in self.edits:
+        norm: dict[int, tuple[LayerEdit, ...]] = {}
+        for layer, e in self.edits.items():
             if not isinstance(layer, int) or layer < 0:
                 raise ValueError(f"Plan layer indices must be non-negative ints, got {layer!r}")
-        object.__setattr__(self, "edits", MappingProxyType(dict(self.edits)))
+            seq = (e,) if isinstance(e, LayerEdit) else tuple(e)
+            if not all(isinstance(x, LayerEdit) for x in seq):
+                raise TypeError(f"Plan layer {layer}: edits must be LayerEdits, got {seq!r}")
+            if seq:
+                norm[layer] = seq
+        object.__setattr__(self, "edits", MappingProxyType(norm))
 
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted(self.edits))
+
+    def then(self, other: Plan) -> Plan:
+        """This plan's edits, then `other`'s, layer by layer (see the module docstring for the order)."""
+        merged = {layer: tuple(edits) for layer, edits in self.edits.items()}
+        for layer, edits in other.edits.items():
+            merged[layer] = merged.get(layer, ()) + tuple(edits)
+        name = "+".join(n for n in (self.name, other.name) if n)
+        return Plan(merged, name=name)
+
+    @staticmethod
+    def compose(plans: Sequence[Plan]) -> Plan:
+        out = Plan()
+        for p in plans:
+            out = out.then(p)
+        return out
 
 
 def _per_head(value: PerHead | None, n_heads: int, device: torch.device, what: str) -> torch.Tensor | None:
@@ -75,24 +105,31 @@ def compile_edits(
 ) -> dict[int, AttentionEdit]:
     """Lower a plan to per-layer `AttentionEdit`s for one batch.
 
+    Every edit given is applied, even a zero one (it then runs the edited-attention path with no
+    effect); methods at zero strength emit no edit at all, which keeps the layer on sdpa.
+
     Args:
         key_sets: name -> [B, T] bool masks over the prompt tokens (e.g. "image").
         n_heads, n_layers: of the text backbone, for validation.
     """
     out: dict[int, AttentionEdit] = {}
-    for layer, e in plan.edits.items():
+    for layer, edits in plan.edits.items():
         if layer >= n_layers:
             raise ValueError(
                 f"plan edits layer {layer} but the text backbone has {n_layers} layers (0..{n_layers - 1})"
             )
-        if e.key_set not in key_sets:
-            raise ValueError(f"unknown key set {e.key_set!r}; this request has: {', '.join(sorted(key_sets))}")
-        mask = key_sets[e.key_set]
-        out[layer] = AttentionEdit(
-            key_mask=mask,
-            rows=e.rows,
-            abs_scale=_per_head(e.abs_scale, n_heads, mask.device, f"layer {layer} abs_scale"),
-            bias=_per_head(e.bias, n_heads, mask.device, f"layer {layer} bias"),
-            head_scale=_per_head(e.head_scale, n_heads, mask.device, f"layer {layer} head_scale"),
-        )
+        keys: list[KeyEdit] = []
+        head_scale: torch.Tensor | None = None
+        for e in edits:
+            if e.key_set not in key_sets:
+                raise ValueError(f"unknown key set {e.key_set!r}; this request has: {', '.join(sorted(key_sets))}")
+            mask = key_sets[e.key_set]
+            a = _per_head(e.abs_scale, n_heads, mask.device, f"layer {layer} abs_scale")
+            b = _per_head(e.bias, n_heads, mask.device, f"layer {layer} bias")
+            h = _per_head(e.head_scale, n_heads, mask.device, f"layer {layer} head_scale")
+            if a is not None or b is not None:
+                keys.append(KeyEdit(key_mask=mask, rows=e.rows, abs_scale=a, bias=b))
+            if h is not None:
+                head_scale = h if head_scale is None else head_scale * h
+        out[layer] = AttentionEdit(head_scale=head_scale, keys=tuple(keys))
     return out

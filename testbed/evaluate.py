@@ -10,7 +10,7 @@ objects that are absent; CHAIR_s: share of captions with at least one); and box-
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from mitigation import Plan
+from mitigation.methods import Method
 from testbed.foreign import ForeignScene, draw_foreign_scene
 from testbed.language import (
     CAPTION_QUESTION,
@@ -103,6 +104,20 @@ def referable_objects(scene: Scene):
     return [o for o in scene.objects if cats.count(o.category) == 1]
 
 
+FAMILIES = (
+    "pope_random",
+    "pope_popular",
+    "pope_adversarial",
+    "color",
+    "count",
+    "caption",
+    "partner_absent",
+    "where",
+    "foreign_pope",
+    "foreign_color",
+)
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     n_scenes: int = 300
@@ -112,6 +127,12 @@ class EvalConfig:
     reference_scenes: int = 2000  # for POPE popular/adversarial statistics (training distribution)
     n_foreign: int = 150  # scenes drawn by other code (testbed.foreign): other sizes, colours +-20
     where: bool = True  # also measure "Where is the {c} {s}?" -> box as text
+    families: tuple[str, ...] | None = None  # only these question families (FAMILIES; None: all)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.families or ()) - set(FAMILIES))
+        if unknown:
+            raise ValueError(f"unknown question family {unknown[0]!r}; valid: {', '.join(FAMILIES)}")
 
 
 def _answer_all(
@@ -121,19 +142,30 @@ def _answer_all(
     max_new_tokens: int,
     plan: Plan | None,
     progress: Callable[[int], None],
+    methods: Sequence[Method] = (),
 ) -> list[str]:
     answers = []
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
         inputs = build_inputs(vlm, [s.image for s, _ in chunk], [qa.question for _, qa in chunk])
-        gens = generate(vlm, inputs, SamplingParams(max_new_tokens=max_new_tokens), plan=plan)
+        gens = generate(vlm, inputs, SamplingParams(max_new_tokens=max_new_tokens), plan=plan, methods=methods)
         answers += [g.text for g in gens]
         progress(len(chunk))
     return answers
 
 
-def evaluate(vlm: VLM, cfg: EvalConfig = EvalConfig(), plan: Plan | None = None, show_progress: bool = True) -> dict:
-    """Run every testbed metric; returns a JSON-able dict."""
+def evaluate(
+    vlm: VLM,
+    cfg: EvalConfig = EvalConfig(),
+    plan: Plan | None = None,
+    show_progress: bool = True,
+    methods: Sequence[Method] = (),
+) -> dict:
+    """Run every testbed metric (or `cfg.families`); returns a JSON-able dict.
+
+    Args:
+        plan, methods: what every answer is generated with (`vlm.generate`); none is the baseline.
+    """
     held = list(scenes(cfg.seed, cfg.n_scenes, cfg.world))
     ref = list(scenes(cfg.seed + 1, cfg.reference_scenes, TRAIN_CONFIG))
     freq, co = category_frequency(ref), cooccurrence(ref)
@@ -156,7 +188,8 @@ def evaluate(vlm: VLM, cfg: EvalConfig = EvalConfig(), plan: Plan | None = None,
                 w, h = s.image.size
                 box = ",".join(str(v) for v in (o.bbox[0] / w, o.bbox[1] / h, o.bbox[2] / w, o.bbox[3] / h))
                 families.setdefault("where", []).append((s, QA(where_question(o.color, o.shape), box, "where")))
-    for i in range(cfg.n_foreign):
+    wanted = set(cfg.families) if cfg.families is not None else None
+    for i in range(cfg.n_foreign if wanted is None or wanted & {"foreign_pope", "foreign_color"} else 0):
         f = draw_foreign_scene(cfg.seed + 7919 * (i + 1))
         fs = _ForeignAsScene(f)
         families.setdefault("foreign_pope", []).extend((fs, qa) for qa in pope_questions(fs, "random", rng, freq, co))
@@ -164,13 +197,15 @@ def evaluate(vlm: VLM, cfg: EvalConfig = EvalConfig(), plan: Plan | None = None,
             if len(colors) == 1:
                 qa = QA(color_question(shape), colors[0].capitalize(), "color")
                 families.setdefault("foreign_color", []).append((fs, qa))
+    if wanted is not None:
+        families = {k: v for k, v in families.items() if k in wanted}
     total = sum(len(v) for v in families.values())
     results: dict = {"n_scenes": cfg.n_scenes, "seed": cfg.seed}
     with Progress(disable=not show_progress, console=Console(stderr=True)) as bar:  # stdout stays for results
         task = bar.add_task("testbed eval", total=total)
         for name, items in families.items():
             max_new = 48 if name == "caption" else 12 if name == "where" else 4
-            answers = _answer_all(vlm, items, cfg.batch_size, max_new, plan, lambda k: bar.advance(task, k))
+            answers = _answer_all(vlm, items, cfg.batch_size, max_new, plan, lambda k: bar.advance(task, k), methods)
             if name == "partner_absent":
                 preds = [parse_yes_no(a) for a in answers]
                 results[name] = {"false_yes_rate": float(np.mean([p == "yes" for p in preds])), "n": len(preds)}

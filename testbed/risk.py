@@ -31,7 +31,7 @@ from testbed.language import (
     existence_question,
     pope_questions,
 )
-from testbed.world import COLORS, SHAPES, TRAIN_CONFIG, Scene, WorldConfig, scenes
+from testbed.world import COLORS, SHAPES, TRAIN_CONFIG, Scene, scenes
 from vlm import VLM, SamplingParams, build_inputs, generate
 
 
@@ -63,7 +63,9 @@ def collect(vlm: VLM, held: list[Scene], seed: int, batch_size: int = 16, show_p
     items: list[tuple[str, Scene, str, str]] = []  # kind, scene, question, truth
     for s in held:
         for split in POPE_SPLITS:
-            items += [(f"pope_{split}", s, qa.question, qa.answer.lower()) for qa in pope_questions(s, split, rng, freq, co)]
+            items += [
+                (f"pope_{split}", s, qa.question, qa.answer.lower()) for qa in pope_questions(s, split, rng, freq, co)
+            ]
         items += [("partner_absent", s, existence_question(*c), "no") for c in absent_partners(s)]
         items.append(("caption", s, CAPTION_QUESTION, ""))
     layers = list(range(vlm.n_layers))
@@ -146,3 +148,23 @@ def measure(model: RiskModel, examples: list[Example]) -> dict:
         ),
         "caption_objects": au(lambda e: e.kind == "caption"),
     }
+
+
+VARIANTS = ((False, False), (False, True), (True, False), (True, True))  # (use_prompt, use_confidence)
+
+
+def cross_validated(vlm: VLM, examples: list[Example], folds: int = 2, seed: int = 0) -> dict[tuple[bool, bool], float]:
+    """Existence-answer AUROC of each feature variant by k-fold cross-validation on the calibration
+    examples (scenes are not split across folds only approximately: folds are drawn per example)."""
+    rng = np.random.default_rng(seed)
+    fold = rng.integers(folds, size=len(examples))
+    out = {}
+    for variant in VARIANTS:
+        aucs = []
+        for k in range(folds):
+            train = [e for e, f in zip(examples, fold) if f != k]
+            test = [e for e, f in zip(examples, fold) if f == k]
+            m = calibrate(vlm, train, *variant)
+            aucs.append(measure(m, test)["existence_all"]["auroc"])
+        out[variant] = float(np.mean(aucs))
+    return out

@@ -72,10 +72,19 @@ def test_generate_with_risk_keeps_tokens_and_scores_every_token(testbed_vlm):
         assert 0.0 < b.risk < 1.0
         assert b.risk == pytest.approx(float(np.mean(b.token_risk)))
     # the same row alone gives the same risk (batch neighbours do not leak into the features)
-    alone = generate(vlm, build_inputs(vlm, ["testbed/examples/scene.png"], ["Describe the image."]),
-                     SamplingParams(max_new_tokens=12), risk=model)[0]
+    alone = generate(
+        vlm,
+        build_inputs(vlm, ["testbed/examples/scene.png"], ["Describe the image."]),
+        SamplingParams(max_new_tokens=12),
+        risk=model,
+    )[0]
     assert alone.risk == pytest.approx(scored[1].risk, abs=1e-4)
     # a recorder that cannot feed the model is refused with a clear message
     with pytest.raises(ValueError, match="prefill_rows"):
-        generate(vlm, inputs, SamplingParams(max_new_tokens=2), risk=model,
-                 recorder=AttentionRecorder(layers=None, prefill_rows="last"))
+        generate(
+            vlm,
+            inputs,
+            SamplingParams(max_new_tokens=2),
+            risk=model,
+            recorder=AttentionRecorder(layers=None, prefill_rows="last"),
+        )

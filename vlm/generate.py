@@ -4,11 +4,17 @@ A plain loop (gpt-fast style) rather than `model.generate`, so that prefill and 
 timed, the active plan/recorder scope spans exactly the model calls, and left-padded batches give
 the same tokens as batch size 1. Position ids follow the attention mask, as transformers' own
 generation does (tested against it).
+
+Methods reach this loop only through a prepared `mitigation.Request` (generic: the rows the model
+runs, which may include a method's second stream in lockstep; a logits step; what to drop after the
+prefill); nothing here knows a particular method.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
@@ -17,8 +23,12 @@ import mitigation
 from mitigation.plan import Plan
 from mitigation.recorder import AttentionRecorder
 from mitigation.risk import RiskModel, token_features
+from vlm.contract import check_context
 from vlm.loader import VLM
 from vlm.types import Generation, SamplingParams, Timings, VLMInputs
+
+if TYPE_CHECKING:
+    from mitigation.methods import Method
 
 
 def _sync(device: torch.device) -> None:
@@ -60,11 +70,14 @@ def generate(
     plan: Plan | None = None,
     recorder: AttentionRecorder | None = None,
     risk: RiskModel | None = None,
+    methods: Sequence[Method] = (),
 ) -> list[Generation]:
     """Generate answers for a batch.
 
     Args:
         plan: attention edits applied in every model call of this generation (None: baseline).
+        methods: registered methods (`mitigation.methods.parse_methods`), composed in order after
+            `plan` (`mitigation.request`); their preparatory work is timed as `timings.prepare_s`.
         recorder: receives image-attention rows / hidden states for the prefill and each step.
         risk: a fitted risk model (`mitigation.risk`): each Generation then carries `risk` and
             `token_risk`. It reads `recorder` if given (which must record the model's layers with
@@ -73,7 +86,13 @@ def generate(
     Returns:
         One `Generation` per row, with text (special tokens stripped), token ids, finish reason,
         timings (prefill, per decode step) and the row's ImageLayout.
+
+    Raises:
+        ContextLengthError: the longest prompt (image tokens included) + max_new_tokens exceeds the text
+            model's max_position_embeddings.
     """
+    # ContextLengthError before any work: positions past max_position_embeddings give garbage, not an error
+    check_context(int(inputs.attention_mask.sum(-1).max()), sampling.max_new_tokens, vlm.max_positions)
     model, tok, dev = vlm.model, vlm.processor.tokenizer, vlm.device
     if risk is not None:
         rows_needed = "all" if risk.use_prompt else "last"
@@ -94,28 +113,30 @@ def generate(
     generators = None
     if sampling.temperature > 0:
         generators = [torch.Generator(device=dev).manual_seed(sampling.seed) for _ in range(B)]
-    mask = inputs.attention_mask
+    request = mitigation.prepare(vlm, inputs, methods, plan)  # methods' preparatory work (timed apart)
+    mask = request.model_kwargs["attention_mask"]
     position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out_tokens: list[torch.Tensor] = []
     out_logprobs: list[torch.Tensor] = []
     step_times: list[float] = []
-    with mitigation.scope(
-        plan, recorder, image_mask=inputs.input_ids == vlm.image_token_id, n_heads=vlm.n_heads, n_layers=vlm.n_layers
-    ):
+    with mitigation.scope(recorder=recorder, request=request, n_heads=vlm.n_heads, n_layers=vlm.n_layers) as active:
         _sync(dev)
         t0 = time.perf_counter()
         out = model(
-            **inputs.model_kwargs(), position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+            **request.model_kwargs, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
         )
-        nxt = _next_tokens(out.logits[:, -1], sampling, generators)
+        logits = request.logits(out.logits[:, -1])  # [B, V]: the request's rows after any logits step
+        nxt = _next_tokens(logits, sampling, generators)
+        request.after_prefill(cache, active)  # e.g. drop a second stream used at the first step only
+        mask, position_ids = mask[: request.rows], position_ids[: request.rows]
         _sync(dev)
         prefill = time.perf_counter() - t0
         for step in range(sampling.max_new_tokens):
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out_tokens.append(nxt)
-            out_logprobs.append(torch.log_softmax(out.logits[:, -1].float(), -1).gather(1, nxt[:, None])[:, 0])
+            out_logprobs.append(torch.log_softmax(logits.float(), -1).gather(1, nxt[:, None])[:, 0])
             done = done | torch.isin(nxt, eos_ids)
             if step == sampling.max_new_tokens - 1 or bool(done.all()):
                 break
@@ -123,16 +144,17 @@ def generate(
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             position_ids = position_ids[:, -1:] + 1
             out = model(
-                input_ids=nxt[:, None],
+                input_ids=request.feed(nxt)[:, None],
                 attention_mask=mask,
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=True,
             )
-            nxt = _next_tokens(out.logits[:, -1], sampling, generators)
+            logits = request.logits(out.logits[:, -1])
+            nxt = _next_tokens(logits, sampling, generators)
             _sync(dev)
             step_times.append(time.perf_counter() - t)
-    timings = Timings(prefill_s=prefill, decode_s=tuple(step_times))
+    timings = Timings(prefill_s=prefill, decode_s=tuple(step_times), prepare_s=request.prepare_s)
     tokens = torch.stack(out_tokens, dim=1).tolist()
     logprobs = torch.stack(out_logprobs, dim=1).tolist()
     eos_set = set(eos_ids.tolist())

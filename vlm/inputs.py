@@ -4,43 +4,24 @@ processor's configuration)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from vlm.layout import ImageGeometry, ImageLayout, clip_geometry, pad_geometry
+from vlm.contract import check_question
+from vlm.errors import ImageError
+from vlm.images import ImageLike, load_image
+from vlm.layout import (
+    ImageGeometry,
+    ImageLayout,
+    TiledView,
+    anyres_token_count,
+    anyres_view,
+    clip_geometry,
+    pad_geometry,
+)
 from vlm.loader import VLM
 from vlm.types import VLMInputs
 
-ImageLike = Image.Image | str | os.PathLike | np.ndarray
-
-
-class ImageError(ValueError):
-    """An image that cannot be read or decoded."""
-
-
-def load_image(image: ImageLike) -> Image.Image:
-    """A PIL RGB image from a PIL image, a path, or an [H, W, 3] uint8 array."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-            raise ImageError(f"array images must be [H, W, 3|4] uint8, got shape {image.shape} dtype {image.dtype}")
-        return Image.fromarray(image).convert("RGB")
-    path = Path(image)
-    if not path.exists():
-        raise ImageError(f"image file not found: {path}")
-    if not path.is_file():
-        raise ImageError(f"not an image file: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImageError(f"cannot decode {path} as an image ({e.__class__.__name__}: {e})") from e
+__all__ = ["ImageError", "ImageLike", "build_inputs", "chat_prompt", "image_geometry", "load_image"]
 
 
 def _size_args(ip) -> tuple[int | None, tuple[int, int] | None, tuple[int, int] | None]:
@@ -59,7 +40,7 @@ def image_geometry(vlm: VLM, original_size: tuple[int, int]) -> ImageGeometry:
     """Geometry of the processor's transform for an image of `original_size` (width, height).
 
     LLaVA: resize + center crop (CLIP) or pad-to-square + resize (`do_pad`). LLaVA-NeXT: the base view,
-    which is the whole image stretched to the square input size.
+    which is the whole image stretched to the square input size (the high-resolution view: `tiles_view`).
     """
     ip = vlm.processor.image_processor
     shortest, size_hw, crop = _size_args(ip)
@@ -71,6 +52,31 @@ def image_geometry(vlm: VLM, original_size: tuple[int, int]) -> ImageGeometry:
     if getattr(ip, "do_pad", False):
         return pad_geometry(original_size, shortest, size_hw, crop)
     return clip_geometry(original_size, shortest, size_hw, crop)
+
+
+def tiles_view(vlm: VLM, original_size: tuple[int, int], positions: list[int], tile_size: int) -> TiledView:
+    """LLaVA-NeXT's high-resolution view of one row.
+
+    Args:
+        original_size: (width, height) of the image given to the processor.
+        positions: ALL the row's image-token positions, in order: [base cells, then per tile-grid row its
+            cells and one newline].
+        tile_size: side S of pixel_values [B, P, 3, S, S] (the base input = one tile).
+
+    Raises:
+        ValueError: the processor emitted another number of image tokens than the model packs.
+    """
+    pinpoints = vlm.processor.image_processor.image_grid_pinpoints
+    patch = vlm.model.config.vision_config.patch_size
+    n_base = (tile_size // patch) ** 2
+    n_tiles = anyres_token_count(original_size, pinpoints, tile_size, patch)
+    if len(positions) != n_base + n_tiles:
+        raise ValueError(
+            f"the processor emitted {len(positions)} image tokens for a {original_size[0]}x{original_size[1]} image, "
+            f"but LLaVA-NeXT packs {n_base} base + {n_tiles} high-resolution = {n_base + n_tiles}; check the "
+            "processor's vision_feature_select_strategy, num_additional_image_tokens and image_grid_pinpoints"
+        )
+    return anyres_view(original_size, pinpoints, tile_size, patch, positions[n_base:])
 
 
 def chat_prompt(vlm: VLM, question: str, system: str | None = None) -> str:
@@ -88,8 +94,9 @@ def build_inputs(
     """Tokenize a batch of (image, question) pairs, left padded, on the model's device.
 
     Raises:
-        ImageError: an image cannot be read.
-        ValueError: mismatched batch lengths or an empty question.
+        ImageError: an image cannot be read (see `vlm.images`).
+        QuestionError: an empty question, or one containing the image token or another special token.
+        ValueError: mismatched batch lengths.
     """
     if not isinstance(images, list):
         images = [images]
@@ -97,8 +104,9 @@ def build_inputs(
         questions = [questions]
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
-    if any(not q.strip() for q in questions):
-        raise ValueError("questions must be non-empty")
+    reserved = vlm.reserved_tokens
+    for q in questions:
+        check_question(q, reserved)
     pil = [load_image(im) for im in images]
     texts = [chat_prompt(vlm, q, system) for q in questions]
     enc = vlm.processor(images=pil, text=texts, return_tensors="pt", padding=True)
@@ -110,9 +118,12 @@ def build_inputs(
     layouts = []
     for b, im in enumerate(pil):
         positions = torch.nonzero(ids[b] == vlm.image_token_id).flatten().tolist()
+        tiles = None
         if vlm.kind == "llava_next":
+            h, w = enc["image_sizes"][b].tolist()  # what the model unpads with
+            tiles = tiles_view(vlm, (w, h), positions, side)
             positions = positions[: grid[0] * grid[1]]  # the base view's tokens come first
-        layouts.append(ImageLayout(tuple(positions), grid, patch, image_geometry(vlm, im.size)))
+        layouts.append(ImageLayout(tuple(positions), grid, patch, image_geometry(vlm, im.size), tiles))
     dev = vlm.device
     return VLMInputs(
         input_ids=ids.to(dev),

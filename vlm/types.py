@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm.contract import check_sampling
 from vlm.layout import ImageLayout
 
 
@@ -24,14 +25,9 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        # SamplingError (a ValueError): max_new_tokens >= 1, finite temperature >= 0, top_p in (0, 1],
+        # top_k >= 0, seed in [0, 2**63 - 1] (what torch.Generator.manual_seed takes)
+        check_sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed)
 
 
 @dataclass(frozen=True)
@@ -61,6 +57,7 @@ class Timings:
 
     prefill_s: float
     decode_s: tuple[float, ...]  # one entry per decode step after the prefill
+    prepare_s: float = 0.0  # methods' preparatory work before the prefill (e.g. a vision-tower pass)
 
     @property
     def decode_per_token_s(self) -> float:
@@ -68,10 +65,11 @@ class Timings:
 
     @property
     def total_s(self) -> float:
-        return self.prefill_s + sum(self.decode_s)
+        return self.prepare_s + self.prefill_s + sum(self.decode_s)
 
     def to_dict(self) -> dict:
         return {
+            "prepare_s": round(self.prepare_s, 6),
             "prefill_s": round(self.prefill_s, 6),
             "decode_per_token_s": round(self.decode_per_token_s, 6),
             "decode_steps": len(self.decode_s),

@@ -1,0 +1,94 @@
+"""Request hooks: the per-request, per-layer state of methods that is only known during the forward.
+
+A hook is created for one request (one `generate` call) and lives in that request's scope, never on a
+module, so nothing leaks from one sample to the next. The seam calls it, within the scope:
+
+* `layer_input(layer, hidden)`: the hidden state entering a decoder layer ([R, T, D]; prefill and
+  every decode step), e.g. VAR's sink detection at prefill;
+* `edit(call, edit)`: just before a layer's attention; returns the layer's edit, extended (VAR's
+  redistribution, a per-row head scale, per-row logit coefficients measured at prefill);
+* `output(call, out)`: the attention output [R, Tq, H, D] before o_proj, e.g. VHR's head selection
+  and scaling at prefill (it needs both streams' head outputs of that very layer);
+* `keep_rows(n)`: the batch shrank to its first n rows (a second stream was dropped after prefill).
+
+R is the number of rows the model runs: the request's rows, then (where a method asked for one) a
+second stream's rows, row n_main + b pairing with row b.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from kernels.reference import AttentionEdit
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One attention call as hooks see it (tensors are the attention function's own)."""
+
+    layer: int
+    query: torch.Tensor  # [R, H, Tq, D]
+    key: torch.Tensor  # [R, Hkv, Tk, D]
+    mask: torch.Tensor | None
+    scale: float
+    image_index: torch.Tensor | None  # [R, N] positions of the image tokens (-1 = padding)
+
+    @property
+    def prefill(self) -> bool:
+        return self.query.shape[2] > 1
+
+
+class Hook:
+    """Base class of request hooks: every callback is a no-op; subclasses override what they need.
+
+    Attributes:
+        attention_layers: layers whose attention calls `edit` / `output` see.
+        input_layers: layers whose input hidden state `layer_input` sees.
+    """
+
+    attention_layers: frozenset[int] = frozenset()
+    input_layers: frozenset[int] = frozenset()
+
+    def layer_input(self, layer: int, hidden: torch.Tensor) -> None:
+        return None
+
+    def edit(self, call: AttentionCall, edit: AttentionEdit | None) -> AttentionEdit | None:
+        return edit
+
+    def output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def keep_rows(self, n: int) -> None:
+        return None
+
+
+def edit_rows(edit: AttentionEdit | None, n: int) -> AttentionEdit | None:
+    """The edit restricted to the first n batch rows (masks are [R, T]; coefficients [H] stay, [R, H] are cut)."""
+    if edit is None:
+        return None
+
+    def coef(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t[:n] if t is not None and t.dim() == 2 else t
+
+    keys = tuple(replace(k, key_mask=k.key_mask[:n], abs_scale=coef(k.abs_scale), bias=coef(k.bias)) for k in edit.keys)
+    r = edit.redistribute
+    if r is not None:
+        r = replace(
+            r,
+            source=r.source[:n],
+            target=r.target[:n],
+            gate_keys=r.gate_keys[:n],
+            fraction=coef(r.fraction),
+            row_start=r.row_start[:n] if r.row_start is not None else None,
+        )
+    return replace(
+        edit,
+        key_mask=edit.key_mask[:n] if edit.key_mask is not None else None,
+        abs_scale=coef(edit.abs_scale),
+        bias=coef(edit.bias),
+        head_scale=coef(edit.head_scale),
+        keys=keys,
+        redistribute=r,
+    )

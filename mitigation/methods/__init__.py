@@ -1,0 +1,42 @@
+"""Published training-free interventions, one file each, in one registry.
+
+    from mitigation.methods import parse_method, parse_methods, schema, describe
+    methods = parse_methods(["var", "pai:alpha=0.3"])       # or {"name": "pai", "params": {"alpha": 0.3}}
+    vlm.generate(vlm, inputs, sampling, methods=methods)
+
+Registered: `pai` (PAI, ECCV 2024), `paint` (the imbalanced-attention fix, arXiv 2501.12206), `var`
+(VAR, ICLR 2025), `vhr` (VHR, ACL 2025). See `mitigation.request` for how a list of methods composes.
+"""
+
+from mitigation.methods import pai, paint, var, vhr  # noqa: F401  (registers the methods)
+from mitigation.methods.registry import (
+    METHODS,
+    Method,
+    MethodError,
+    build,
+    describe,
+    get,
+    names,
+    param,
+    parse_method,
+    parse_methods,
+    register,
+    request_schema,
+    schema,
+)
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "MethodError",
+    "build",
+    "describe",
+    "get",
+    "names",
+    "param",
+    "parse_method",
+    "parse_methods",
+    "register",
+    "request_schema",
+    "schema",
+]

@@ -1,0 +1,42 @@
+"""`lucid methods`, `--method` on `ask`, and the one-line error for a bad method, run as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "testbed" / "examples" / "scene.png"
+
+
+def lucid(*args, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "lucid.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def test_methods_lists_parameters_and_schemas():
+    text = lucid("methods")
+    assert text.returncode == 0
+    for name in ("pai:", "paint:", "var:", "vhr:"):
+        assert any(line.startswith(name) for line in text.stdout.splitlines())
+    assert "a number in [0, 1]" in text.stdout and "arXiv:2503.03321" in text.stdout
+    schemas = json.loads(lucid("methods", "--json").stdout)
+    assert sorted(schemas) == ["pai", "paint", "var", "vhr"]
+    assert schemas["vhr"]["properties"]["alpha"]["maximum"] == 10.0
+
+
+def test_ask_with_methods(tmp_path):
+    proc = lucid("ask", str(EXAMPLE), "Describe the image.", "--method", "vhr", "--method", "pai:gamma=1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)
+    assert payload["answer"] and [m["name"] for m in payload["methods"]] == ["vhr", "pai"]
+    assert payload["methods"][1]["params"]["gamma"] == 1.0
+
+
+def test_bad_method_is_one_line_listing_what_is_valid():
+    """(The messages for every kind of bad spec are tested in test_methods_registry.py.)"""
+    proc = lucid("ask", str(EXAMPLE), "Describe the image.", "--method", "vhr:alpha=99")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == "lucid: error: vhr: alpha must be a number in [0, 10], got '99'"

@@ -1,0 +1,203 @@
+"""Methods through the real generation path on the embedded testbed model: zero strength is the baseline
+bit for bit (second stream included), batch rows equal batch size 1, composition order and rejection,
+VAR's per-sample state, the recorder under edits, the sink calibration cache, layer rules by depth."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import mitigation
+from mitigation import AttentionRecorder, CompositionError
+from mitigation.methods import parse_methods
+from mitigation.methods.pai import PAI
+from mitigation.methods.var import VAR, load_or_calibrate
+from mitigation.methods.vhr import VHR
+from mitigation.request import RequestContext
+from testbed.world import render_scene
+from vlm import SamplingParams, build_inputs, generate
+
+QUESTIONS = ["Is there a red circle in the image?", "Describe the image.", "What color is the square?"]
+SAMPLING = SamplingParams(max_new_tokens=8)
+# the testbed backbone has no massive activations (see `lucid calibrate testbed`), so VAR's tests name
+# sink dimensions that flag some tokens: channel 1 dominates many image tokens' hidden states
+VAR_TEST = "var:sink_dims=1,tau=5.8,rho=0.1"
+EFFECTIVE = ["pai", "pai:alpha=0,gamma=2", "paint", "paint:heads=uniform", "vhr", VAR_TEST]
+
+
+@pytest.fixture(scope="module")
+def batch(testbed_vlm):
+    return build_inputs(testbed_vlm, [render_scene(i).image for i in range(3)], QUESTIONS)
+
+
+@pytest.fixture(scope="module")
+def baseline(testbed_vlm, batch):
+    return generate(testbed_vlm, batch, SAMPLING)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LUCID_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "pai:alpha=0,gamma=1",
+        "paint:alpha=0,beta=0",
+        "vhr:alpha=1",
+        "vhr:alpha=1,free_stream=mean_image",
+        "var:p=0",
+        "var:p=1,semantics=code",
+    ],
+)
+def test_zero_strength_is_the_baseline_bit_for_bit(testbed_vlm, batch, baseline, spec):
+    methods = parse_methods([spec])
+    gens = generate(testbed_vlm, batch, SAMPLING, methods=methods)
+    for g, b in zip(gens, baseline):
+        assert g.token_ids == b.token_ids
+        assert g.token_logprobs == b.token_logprobs  # exact: the seam leaves every layer on sdpa
+    if spec.startswith("vhr"):  # the image-free stream did run, in the same batch
+        assert mitigation.prepare(testbed_vlm, batch, methods).rows == 2 * batch.batch_size
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "pai:alpha=1e-6,gamma=1.000001,cutoff=0",
+        "paint:alpha=1e-6,beta=1e-6",
+        "vhr:alpha=1.000001",
+        "var:p=1e-6,sink_dims=1,tau=5.8,rho=0.1",
+    ],
+)
+def test_near_zero_strength_is_continuous(testbed_vlm, batch, baseline, spec):
+    """The same machinery at a tiny strength (edits applied, second streams run) stays at the baseline
+    (guidance without its plausibility cut: the cut itself is a step at gamma != 1, as in PAI)."""
+    gens = generate(testbed_vlm, batch, SAMPLING, methods=parse_methods([spec]))
+    for g, b in zip(gens, baseline):
+        assert g.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(g.token_logprobs), torch.tensor(b.token_logprobs), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", EFFECTIVE)
+def test_batch_rows_equal_batch_size_one(testbed_vlm, batch, baseline, spec):
+    methods = parse_methods([spec])
+    gens = generate(testbed_vlm, batch, SAMPLING, methods=methods)
+    assert any(g.token_logprobs != b.token_logprobs for g, b in zip(gens, baseline)), "the method must act"
+    for i, g in enumerate(gens):
+        solo = generate(
+            testbed_vlm, build_inputs(testbed_vlm, [render_scene(i).image], [QUESTIONS[i]]), SAMPLING, methods=methods
+        )[0]
+        assert g.token_ids == solo.token_ids
+        torch.testing.assert_close(torch.tensor(g.token_logprobs), torch.tensor(solo.token_logprobs), rtol=0, atol=1e-4)
+
+
+def _prefill_sinks(vlm, inputs, method):
+    req = mitigation.prepare(vlm, inputs, [method])
+    with torch.no_grad(), mitigation.scope(request=req, n_heads=vlm.n_heads, n_layers=vlm.n_layers):
+        vlm.model(**req.model_kwargs, position_ids=(req.model_kwargs["attention_mask"].cumsum(-1) - 1).clamp(min=0))
+    return {layer: s.clone() for layer, s in req.hooks[0].sinks.items()}
+
+
+def test_var_state_is_reset_per_sample(testbed_vlm):
+    """The official code keeps the first sample's sinks for every later one; here two different samples
+    in sequence give exactly what each gives alone (and their sinks do differ)."""
+    method = parse_methods([VAR_TEST])[0]
+    a = build_inputs(testbed_vlm, [render_scene(0).image], ["Describe the image."])
+    b = build_inputs(testbed_vlm, [render_scene(3).image], ["Describe the image."])
+    sinks_a, sinks_b = _prefill_sinks(testbed_vlm, a, method), _prefill_sinks(testbed_vlm, b, method)
+    assert any(not torch.equal(sinks_a[k], sinks_b[k]) for k in sinks_a), "the two samples must have different sinks"
+    alone_b = generate(testbed_vlm, b, SAMPLING, methods=[method])[0]
+    alone_a = generate(testbed_vlm, a, SAMPLING, methods=[method])[0]
+    seq = [generate(testbed_vlm, x, SAMPLING, methods=[method])[0] for x in (a, b, a)]
+    assert [g.token_logprobs for g in seq] == [alone_a.token_logprobs, alone_b.token_logprobs, alone_a.token_logprobs]
+    assert _prefill_sinks(testbed_vlm, a, method).keys() == sinks_a.keys()
+
+
+def test_composition_order_follows_the_list(testbed_vlm, batch):
+    pai, paint = parse_methods(["pai:alpha=0.3", "paint:heads=uniform"])
+    for methods, first in (((pai, paint), "image"), ((paint, pai), "paint.local")):
+        req = mitigation.prepare(testbed_vlm, batch, methods)
+        assert [e.key_set for e in req.plan.edits[2]][0] == first
+        assert {e.key_set for e in req.plan.edits[2]} == {"image", "paint.local", "paint.summary"}
+    # a method at zero strength composes as the identity (the second stream is shared)
+    with_vhr = generate(
+        testbed_vlm, batch, SAMPLING, methods=parse_methods(["vhr:alpha=1,scale_free_stream=false", "pai"])
+    )
+    alone = generate(testbed_vlm, batch, SAMPLING, methods=parse_methods(["pai"]))
+    assert [g.token_logprobs for g in with_vhr] == [g.token_logprobs for g in alone]
+    # everything at once runs, one request
+    gens = generate(
+        testbed_vlm, batch, SAMPLING, methods=parse_methods([VAR_TEST, "vhr:scale_free_stream=false", "paint", "pai"])
+    )
+    assert len(gens) == batch.batch_size and all(g.token_ids for g in gens)
+
+
+@pytest.mark.parametrize(
+    "specs, message",
+    [
+        (["vhr", "pai"], "vhr edits the image-free stream whose logits pai's guidance reads"),
+        (["pai", "vhr:free_stream=mean_image,scale_free_stream=false"], "pai and vhr need different second streams"),
+        (["pai", "pai:alpha=1"], "pai is given twice"),
+    ],
+)
+def test_combinations_that_cannot_be_honoured_are_rejected(testbed_vlm, batch, specs, message):
+    with pytest.raises(CompositionError, match=message):
+        generate(testbed_vlm, batch, SAMPLING, methods=parse_methods(specs))
+
+
+def test_recorder_sees_the_request_rows_and_edited_probabilities(testbed_vlm, batch):
+    """With a second stream the recorder still gets B rows; with PAI the recorded last prompt row puts
+    more mass on the image in the edited layers (the recorded rows are the edited probabilities)."""
+    recs = {}
+    for name, methods in (("base", ()), ("pai", parse_methods(["pai:alpha=1,gamma=1.5"]))):
+        rec = AttentionRecorder(layers=[0, 3], prefill_rows="last")
+        generate(testbed_vlm, batch, SAMPLING, recorder=rec, methods=methods)
+        recs[name] = rec
+    for layer in (0, 3):
+        assert recs["pai"].image_attention(layer).shape[0] == batch.batch_size
+    share = {k: r.image_attention(3)[:, :, 0].sum(-1) for k, r in recs.items()}  # [B, H] image mass, first step
+    assert bool((share["pai"] > share["base"]).all())
+    torch.testing.assert_close(recs["pai"].image_attention(0)[:, :, 0], recs["base"].image_attention(0)[:, :, 0])
+
+
+def test_sink_calibration_is_cached_per_weights_and_overridable(testbed_vlm, tmp_path):
+    cal = load_or_calibrate(testbed_vlm, cache_dir=tmp_path)
+    files = list((tmp_path / "sinks").glob("*.json"))
+    assert len(files) == 1 and cal.weights_hash and 1 <= len(cal.dims) <= 4
+    assert cal.hidden_size == 128 and cal.layers == (1, 2, 3)
+    assert load_or_calibrate(testbed_vlm, cache_dir=tmp_path) == cal  # read back, not recomputed
+    explicit = load_or_calibrate(testbed_vlm, cache_dir=tmp_path, dims=(5, 9))
+    assert explicit.dims == (5, 9) and explicit.source == "explicit"
+    assert load_or_calibrate(testbed_vlm, cache_dir=tmp_path).dims == (5, 9)
+
+
+def _context(n_layers: int) -> RequestContext:
+    """A request context for a backbone of `n_layers` (the layer rules only read its depth)."""
+    vlm = SimpleNamespace(
+        n_layers=n_layers,
+        n_heads=4,
+        model=SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(hidden_size=4096))),
+    )
+    ids = torch.zeros(1, 10, dtype=torch.long)
+    image = torch.zeros(1, 10, dtype=torch.bool)
+    image[0, 2:6] = True
+    return RequestContext(
+        vlm, None, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 1, image, torch.tensor([6])
+    )
+
+
+def test_layer_rules_at_depth_32_and_6():
+    for L, pai_layers, vhr_layers, var_layers in (
+        (32, range(2, 32), [1, *range(18, 32)], range(2, 31)),
+        (6, range(1, 6), [1, 3, 4, 5], range(1, 5)),
+    ):
+        ctx = _context(L)
+        assert PAI().contribute(ctx).plan.layers() == tuple(pai_layers)
+        assert sorted(VHR().contribute(ctx).hook.attention_layers) == vhr_layers
+        assert sorted(VAR(sink_dims=(3,)).contribute(ctx).hook.attention_layers) == list(var_layers)
+        assert sorted(VAR(sink_dims=(3,), exclude_last=False).contribute(ctx).hook.attention_layers) == list(
+            range(var_layers.start, L)
+        )
+    with pytest.raises(ValueError, match="past the text backbone's 6 layers"):
+        PAI(layers=(2, 7)).contribute(_context(6))

@@ -1,0 +1,160 @@
+"""The method registry: names, parsing from `name:k=v` and JSON through one validator, schemas from the
+dataclasses, and the layer rules of each method at LLaVA-1.5-7B's depth (32) and the testbed's (6)."""
+
+import json
+from dataclasses import dataclass, fields
+
+import pytest
+
+from mitigation.methods import (
+    METHODS,
+    Method,
+    MethodError,
+    describe,
+    param,
+    parse_method,
+    parse_methods,
+    register,
+    schema,
+)
+from mitigation.methods.pai import PAI, first_edited_layer
+from mitigation.methods.paint import Paint
+from mitigation.methods.var import VAR, default_tau
+from mitigation.methods.vhr import VHR, vhr_layers
+
+
+def test_registered_names():
+    assert sorted(METHODS) == ["pai", "paint", "var", "vhr"]
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(MethodError, match=r"unknown method 'vcd'; valid: pai, paint, var, vhr"):
+        parse_method("vcd:alpha=1")
+    with pytest.raises(MethodError, match="valid: pai, paint, var, vhr"):
+        parse_method({"name": "nope"})
+
+
+def test_duplicate_registration_raises():
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register("pai")
+        @dataclass(frozen=True)
+        class Other(Method):
+            x: float = param(1.0, "x")
+
+    assert METHODS["pai"] is PAI
+
+
+def test_both_syntaxes_give_the_same_method():
+    a = parse_method("var:p=0.3,rho=0.8,sink_dims=1415,2533,semantics=code")
+    b = parse_method(
+        '{"name": "var", "params": {"p": 0.3, "rho": 0.8, "sink_dims": [1415, 2533], "semantics": "code"}}'
+    )
+    c = parse_method({"name": "var", "params": {"p": "0.3", "rho": 0.8, "sink_dims": "1415,2533", "semantics": "code"}})
+    d = VAR(p=0.3, rho=0.8, sink_dims=(1415, 2533), semantics="code")
+    assert a == b == c == d
+    assert a.sink_dims == (1415, 2533) and isinstance(a.p, float)
+    assert parse_method(a.to_json()) == a  # JSON round trip
+    assert parse_method(a.label) == a  # the label is a valid spec
+    assert parse_method("pai") == PAI()
+    assert parse_methods('[{"name": "pai"}, {"name": "vhr", "params": {"alpha": 3}}]') == (PAI(), VHR(alpha=3.0))
+    assert parse_method("vhr:outlier_rule=false,layers=1,2").outlier_rule is False
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("var:p=1.5", r"var: p must be a number in \[0, 1\], got '1.5'"),
+        ("var:p=abc", "var: p must be a number"),
+        ("pai:gamma=0.5", r"pai: gamma must be a number in \[1, 5\]"),
+        ("paint:heads=some", "paint: heads must be one of sensitive, uniform"),
+        ("vhr:outlier_rule=maybe", "vhr: outlier_rule must be true or false"),
+        ("vhr:layers=1,-2", "vhr: layers must be integers >= 0"),
+        ("var:q=1", "var: unknown parameter 'q'; valid: p, rho, "),
+        ("var:p=0.1,p=0.2", "given twice"),
+        ("var:0.5", "expected key=value"),
+        ('{"name": "var", "params": {"p": true}}', "var: p must be a number"),
+        ('{"name": "var", "extra": 1}', "unknown key 'extra'"),
+        ('{"name": "var"', "does not parse"),
+    ],
+)
+def test_bad_values_are_rejected_with_what_is_valid(spec, message):
+    with pytest.raises(MethodError, match=message):
+        parse_method(spec)
+
+
+def test_direct_construction_is_validated_by_the_same_code():
+    with pytest.raises(MethodError, match=r"var: p must be a number in \[0, 1\]"):
+        VAR(p=2.0)
+    assert VAR(p=1).p == 1.0 and isinstance(VAR(p=1).p, float)
+
+
+def test_schema_from_the_dataclass():
+    s = schema("var")
+    assert s["additionalProperties"] is False and "ICLR 2025" in s["x-paper"]
+    p = s["properties"]["p"]
+    assert p == {"type": "number", "minimum": 0.0, "maximum": 1.0, "default": 0.6, "description": p["description"]}
+    assert s["properties"]["semantics"]["enum"] == ["paper", "code"]
+    dims = s["properties"]["sink_dims"]
+    assert dims["default"] is None and {"type": "null"} in dims["anyOf"]
+    assert dims["anyOf"][0]["items"] == {"type": "integer", "minimum": 0}
+    for name in METHODS:
+        sch = schema(name)
+        json.dumps(sch)  # JSON-able
+        assert set(sch["properties"]) == {f.name for f in fields(METHODS[name])}
+        for prop in sch["properties"].values():
+            assert prop["description"] and "default" in prop
+
+
+def test_describe_lists_parameters_defaults_and_ranges():
+    rows = {r["name"]: r for r in describe()}
+    alpha = next(p for p in rows["pai"]["params"] if p["name"] == "alpha")
+    assert alpha["default"] == 0.5 and alpha["range"] == "a number in [0, 5]" and alpha["type"] == "float"
+    assert "arXiv:2501.12206" in rows["paint"]["paper"]
+
+
+def test_paper_defaults():
+    assert (PAI().alpha, PAI().gamma) == (0.5, 1.1)
+    assert (Paint().alpha, Paint().beta, Paint().local_ratio, Paint().heads) == (0.7, 0.4, 0.25, "sensitive")
+    assert (VHR().alpha, VHR().free_stream) == (2.0, "strip")
+    v = VAR()
+    assert (v.p, v.rho, v.min_image_attention, v.moved_fraction, v.min_nonsink_ratio) == (0.6, 0.5, 0.2, 0.6, 0.5)
+    code = VAR(p=0.6, rho=0.2, semantics="code")  # the code's p keeps 0.6 and its rho tests the sink share
+    assert code.moved_fraction == pytest.approx(0.4) and code.min_nonsink_ratio == pytest.approx(0.8)
+
+
+def test_layer_rules_at_both_depths():
+    # PAI / paint: the papers' 2..31 of 32; the testbed's 1..5 of 6
+    assert first_edited_layer(32) == 2 and first_edited_layer(6) == 1
+    # VHR: the second layer and the last 14 of 32; 1 and the last 3 of 6
+    assert vhr_layers(32) == [1, *range(18, 32)]
+    assert vhr_layers(6) == [1, 3, 4, 5]
+    # VAR's tau: the paper's 20 at D = 4096, the same fraction of sqrt(D) elsewhere
+    assert default_tau(4096) == 20.0 and default_tau(128) == pytest.approx(20 / 32**0.5)
+
+
+def test_sweep_grids_parse_and_render():
+    from testbed.sweep import GRIDS, parse_config, summarise, to_markdown
+
+    for grid in GRIDS.values():
+        for config in grid:
+            parse_config(config)
+    assert parse_config("baseline") == () and [m.name for m in parse_config("vhr+pai:gamma=1")] == ["vhr", "pai"]
+    pope = {"accuracy": 0.9, "f1": 0.8, "precision": 0.7, "yes_ratio": 0.6, "n": 10}
+    metrics = {
+        **{f"pope_{s}": pope for s in ("random", "popular", "adversarial")},
+        "partner_absent": {"false_yes_rate": 0.25, "n": 4},
+        "caption": {
+            "chair_i": 0.1,
+            "chair_s": 0.2,
+            "recall": 0.9,
+            "mean_length_words": 12.0,
+            "partner_absent_named": 0.5,
+        },
+    }
+    row = {"config": "pai", "methods": [], "seconds": 1.0, **summarise(metrics)}
+    md = to_markdown([row])
+    assert (
+        "| pai | 0.900 / 0.800 | 0.900 / 0.800 | 0.900 / 0.800 | 0.600 | 0.250 | 0.100 | 0.200 | 0.900 | 12.0 | 1.0 |"
+        in md
+    )
