@@ -83,10 +83,10 @@ def heatmap_figure(
     vmax = float(g.max())
 
     aspect = w / h
-    fig = plt.figure(figsize=(2 * 4.2 * min(aspect, 2.0) + 1.2, 4.2 + (0.5 if title else 0.0)), dpi=110)
-    ax_img = fig.add_axes([0.02, 0.06, 0.42, 0.8 if title else 0.88])
-    ax_map = fig.add_axes([0.46, 0.06, 0.42, 0.8 if title else 0.88])
-    ax_bar = fig.add_axes([0.925, 0.1, 0.015, 0.7 if title else 0.78])
+    fig = plt.figure(figsize=(2 * 4.2 * min(aspect, 2.0) + 1.8, 4.2 + (0.5 if title else 0.0)), dpi=110)
+    ax_img = fig.add_axes([0.02, 0.06, 0.40, 0.8 if title else 0.88])
+    ax_map = fig.add_axes([0.44, 0.06, 0.40, 0.8 if title else 0.88])
+    ax_bar = fig.add_axes([0.885, 0.1, 0.015, 0.7 if title else 0.78])
     ax_img.imshow(shown)
     unseen = np.isnan(cells)
     if unseen.any():  # what the processor cropped away: dimmed, the model never saw it
