@@ -28,6 +28,7 @@ from grounding.calibration import calibration_from_testbed
 from grounding.heads import HeadParams, HeadSelection, load_or_discover
 from grounding.locate import LocateParams, box_and_point, combine_heads
 from grounding.readout import ROWS, iter_attention
+from testbed.evaluate import box_iou
 from testbed.foreign import draw_foreign_scene
 from testbed.world import WorldConfig, scenes
 from vlm import VLM, ImageLayout, load_vlm
@@ -66,15 +67,6 @@ def eval_items(seed: int = 12345, n_scenes: int = 200, n_foreign: int = 150, spl
         for o in f.objects:  # foreign categories are distinct within a scene
             items.append(Item(f.image, f"the {o.color} {o.shape}", o.mask, o.bbox, "foreign"))
     return items
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two (x0, y0, x1, y1) boxes."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _on_mask(mask: np.ndarray, xy: tuple[float, float]) -> bool:
