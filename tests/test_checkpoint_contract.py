@@ -188,7 +188,10 @@ def _mutate(d: Path, mutation) -> None:
     kind = mutation[0]
     if kind == "field":
         (section, key), value = mutation[1], mutation[2]
-        cfg = json.loads((d / "config.json").read_text())
+        try:
+            cfg = json.loads((d / "config.json").read_text())
+        except (OSError, ValueError):
+            return  # an earlier mutation already broke or removed config.json: nothing to edit
         target = cfg.get(section) if section else cfg
         if isinstance(target, dict):
             target[key] = value
