@@ -357,6 +357,11 @@ def parse_heads(text: str) -> tuple[Head, ...]:
     return tuple(out)
 
 
+#: A selection shipped beside a checkpoint's weights (the embedded model has one): used by `load_or_discover`
+#: when its weights hash, parameters and calibration set are the ones asked for, so nothing is rediscovered.
+SHIPPED_FILE = "lucid_heads.json"
+
+
 def cache_root() -> Path:
     """`LUCID_CACHE` or ~/.cache/lucid."""
     return Path(os.environ.get("LUCID_CACHE", "~/.cache/lucid")).expanduser()
@@ -421,6 +426,12 @@ def load_or_discover(
     path = cache_path(digest, params, name, cache_dir)
     if path.is_file():
         return HeadSelection.load(path)
+    shipped = Path(vlm.path) / SHIPPED_FILE
+    if shipped.is_file():  # a selection shipped beside the weights: used only if it is for exactly this request
+        selection = HeadSelection.load(shipped)
+        if (selection.weights_hash, selection.params, selection.calibration) == (digest, params, name):
+            selection.save(path)
+            return selection
     selection = discover_heads(
         vlm, samples if samples is not None else calibration_from_testbed(), params, batch_size, cache_dir
     )

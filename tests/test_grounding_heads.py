@@ -173,6 +173,23 @@ def test_cache_keyed_by_weights_hash_reused_and_overridable(testbed_vlm, tmp_pat
         explicit_selection(testbed_vlm, [(6, 0)])
 
 
+def test_embedded_model_ships_its_selection(testbed_vlm, tmp_path, monkeypatch):
+    """The default selection of the embedded model is shipped beside its weights (`lucid_heads.json`): a
+    fresh cache gets it without discovery, and it is the one discovery makes (checked in
+    test_discovery_is_deterministic_and_round_trips for the paper's params; here the shipped file's key)."""
+    monkeypatch.setenv("LUCID_CACHE", str(tmp_path))
+
+    def no_discovery(*args, **kwargs):
+        raise AssertionError("the shipped selection should have been used")
+
+    monkeypatch.setattr(heads_mod, "discover_heads", no_discovery)
+    sel = load_or_discover(testbed_vlm)
+    assert sel.weights_hash == testbed_vlm.weights_hash() and len(sel.heads) == sel.params.n_heads
+    assert len(list((tmp_path / "heads").glob("*.json"))) == 1  # and now cached
+    with pytest.raises(AssertionError, match="shipped"):  # other params are not served by the shipped file
+        load_or_discover(testbed_vlm, params=HeadParams())
+
+
 def test_calibration_from_folder_format(tmp_path):
     from testbed.world import WorldConfig, scenes
 
