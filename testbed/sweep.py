@@ -9,6 +9,14 @@ time is reported too (same machine, same scenes: comparable within one run).
 
     python -m testbed.sweep --model testbed --n 60 --grid small --out sweep.json --md sweep.md
     python -m testbed.sweep --config baseline --config "vhr+pai:gamma=1" --n 10
+    python -m testbed.sweep --table out/mitigation --n-cal 60 --n 200   # the README's method table
+
+`--table DIR` makes the whole measurement: the `small` grid on the calibration seed (DIR/calibration.jsonl),
+each method's best setting chosen there (`choose_best`), then baseline, every method at its defaults,
+every best setting and the composition of the two best methods on the held-out seed 12345
+(DIR/heldout.jsonl), written as DIR/table.md and DIR/table.json. Rows already in a jsonl file (same
+configuration, seed and n) are reused, so an interrupted run resumes and several processes can fill the
+files (`--append FILE` with `--config`).
 
 Grids (a configuration is a "+"-joined list of method specs, composed in that order):
 
@@ -29,6 +37,7 @@ from pathlib import Path
 from testbed.evaluate import EvalConfig, evaluate
 
 CALIBRATION_SEED = 4242
+HELDOUT_SEED = 12345
 SWEEP_FAMILIES = ("pope_random", "pope_popular", "pope_adversarial", "partner_absent", "caption")
 BASELINE = "baseline"
 
@@ -114,6 +123,85 @@ def run_sweep(
     return rows
 
 
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _key(row: dict) -> tuple:
+    return (row["config"], row["seed"], row["n_scenes"])
+
+
+def fill(vlm, path: Path, configs: Sequence[str], n_scenes: int, seed: int, log=None, **kw) -> list[dict]:
+    """Rows for `configs` at (seed, n_scenes): those already in the jsonl `path` are reused, the others are
+    evaluated and appended one by one (an interrupted run loses at most the configuration in progress)."""
+    have = {_key(r): r for r in read_rows(path)}
+    out = []
+    for config in configs:
+        row = have.get((config, seed, n_scenes))
+        if row is None:
+            (row,) = run_sweep(vlm, [config], n_scenes, seed, log=log, **kw)
+            row.update(seed=seed, n_scenes=n_scenes)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            have[_key(row)] = row
+        out.append(row)
+    return out
+
+
+def _objective(row: dict, base: dict) -> float:
+    """Relative cut of the partner-absent false-yes rate plus relative cut of CHAIR_i (higher is better)."""
+    def cut(a: float, b: float) -> float:
+        return (b - a) / b if b > 0 else 0.0
+
+    return cut(row["partner_absent_false_yes"], base["partner_absent_false_yes"]) + cut(
+        row["caption"]["chair_i"], base["caption"]["chair_i"]
+    )
+
+
+def admissible(row: dict, base: dict, tolerance: float = 0.01) -> bool:
+    """The issue's guard rails: POPE-random accuracy and caption recall drop by at most `tolerance`."""
+    return (
+        row["pope_random"]["accuracy"] >= base["pope_random"]["accuracy"] - tolerance
+        and row["caption"]["recall"] >= base["caption"]["recall"] - tolerance
+    )
+
+
+def choose_best(rows: Sequence[dict]) -> dict[str, str]:
+    """Per method, the calibration configuration with the best `_objective` among the `admissible` ones
+    (the defaults if none is admissible). Single-method configurations only."""
+    base = next(r for r in rows if r["config"] == BASELINE)
+    best: dict[str, tuple[float, str]] = {}
+    for r in rows:
+        if r["config"] == BASELINE or "+" in r["config"]:
+            continue
+        name = r["config"].split(":")[0]
+        score = _objective(r, base) if admissible(r, base) else float("-inf")
+        if name not in best or score > best[name][0] or (score == best[name][0] and ":" not in r["config"]):
+            best[name] = (score, r["config"])
+    return {name: cfg for name, (_, cfg) in sorted(best.items())}
+
+
+def run_table(vlm, out: Path, n_cal: int, n_heldout: int, log=None) -> dict:
+    """The method table (see the module doc). Returns {"chosen", "combination", "rows"}."""
+    cal = fill(vlm, out / "calibration.jsonl", GRIDS["small"], n_cal, CALIBRATION_SEED, log)
+    chosen = choose_best(cal)
+    base = next(r for r in cal if r["config"] == BASELINE)
+    ranked = sorted(chosen.values(), key=lambda c: -_objective(next(r for r in cal if r["config"] == c), base))
+    combination = "+".join(ranked[:2])
+    configs = list(GRIDS["defaults"]) + [c for c in chosen.values() if c not in GRIDS["defaults"]] + [combination]
+    rows = fill(vlm, out / "heldout.jsonl", configs, n_heldout, HELDOUT_SEED, log)
+    result = {"chosen_on_calibration": chosen, "combination": combination, "n_calibration": n_cal,
+              "n_heldout": n_heldout, "rows": rows}
+    (out / "table.json").write_text(json.dumps(result, indent=1))
+    meta = {"model": vlm.name, "heldout_seed": HELDOUT_SEED, "n_scenes": n_heldout,
+            "settings_chosen_on": f"seed {CALIBRATION_SEED}, {n_cal} scenes"}
+    (out / "table.md").write_text(to_markdown(rows, meta))
+    return result
+
+
 def _f(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -170,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--reference-scenes", type=int, default=2000, help="scenes for POPE popular/adversarial statistics"
     )
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
+    parser.add_argument("--append", type=Path, default=None, help="reuse / append rows in this jsonl file")
+    parser.add_argument("--table", type=Path, default=None, help="make the whole method table in this folder")
+    parser.add_argument("--n-cal", type=int, default=60, help="--table: calibration scenes")
     parser.add_argument("--md", type=Path, default=None, help="write a markdown table")
     args = parser.parse_args(argv)
     if args.n < 1:
@@ -193,9 +284,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"sweep: error: {e}", file=sys.stderr)
         return 2
-    rows = run_sweep(
-        vlm, configs, args.n, args.seed, args.batch_size, args.reference_scenes, log=lambda s: print(s, file=sys.stderr)
-    )
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    if args.table is not None:
+        result = run_table(vlm, args.table, args.n_cal, args.n, log)
+        print((args.table / "table.md").read_text())
+        print(json.dumps({"chosen": result["chosen_on_calibration"], "combination": result["combination"]}))
+        return 0
+    if args.append is not None:
+        rows = fill(vlm, args.append, configs, args.n, args.seed, log, batch_size=args.batch_size,
+                    reference_scenes=args.reference_scenes)
+    else:
+        rows = run_sweep(vlm, configs, args.n, args.seed, args.batch_size, args.reference_scenes, log=log)
     meta = {"model": vlm.name, "n_scenes": args.n, "seed": args.seed, "device": str(vlm.device)}
     payload = {"meta": meta, "rows": rows}
     if args.out is not None:

@@ -158,3 +158,24 @@ def test_sweep_grids_parse_and_render():
         "| pai | 0.900 / 0.800 | 0.900 / 0.800 | 0.900 / 0.800 | 0.600 | 0.250 | 0.100 | 0.200 | 0.900 | 12.0 | 1.0 |"
         in md
     )
+
+
+def test_sweep_chooses_best_admissible_setting_per_method():
+    from testbed.sweep import BASELINE, admissible, choose_best
+
+    def row(config, fy, chair, acc=0.97, recall=0.9):
+        return {"config": config, "partner_absent_false_yes": fy, "caption": {"chair_i": chair, "recall": recall},
+                "pope_random": {"accuracy": acc}}
+
+    base = row(BASELINE, 0.8, 0.10)
+    rows = [
+        base,
+        row("pai", 0.7, 0.10),  # objective 0.125
+        row("pai:alpha=1", 0.4, 0.05, acc=0.90),  # best cut but POPE-random drops 7 points: not admissible
+        row("pai:alpha=0.2", 0.6, 0.09),  # 0.25 + 0.1: the best admissible
+        row("vhr", 0.8, 0.12),  # worse than baseline, the only vhr row: still chosen (defaults)
+        row("vhr+pai", 0.1, 0.01),  # compositions are not candidates
+    ]
+    assert not admissible(rows[2], base) and admissible(rows[3], base)
+    assert not admissible(row("x", 0.1, 0.01, recall=0.88), base)
+    assert choose_best(rows) == {"pai": "pai:alpha=0.2", "vhr": "vhr"}
