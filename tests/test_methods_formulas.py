@@ -212,3 +212,18 @@ def test_cls_attention_matches_eager_vision_attention(tiny_vlm, tiny_random_dir)
         att = eager.model.vision_tower(pixels, output_attentions=True).attentions  # 2 layers; feature layer -2
     torch.testing.assert_close(first, att[0][:, :, 0, 1:].sum(1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(summary, att[len(att) - 2][:, :, 0, 1:].sum(1), rtol=1e-5, atol=1e-6)
+
+
+def test_pai_rows_option_reaches_the_plan():
+    from mitigation.methods import parse_methods
+    from mitigation.methods.pai import PAI
+
+    class Ctx:
+        n_layers = 6
+
+    (paper,) = parse_methods(["pai:gamma=1"])
+    (every,) = parse_methods(["pai:gamma=1,rows=all,layers=0,1"])
+    assert isinstance(every, PAI)
+    assert {e.rows for edits in paper.contribute(Ctx()).plan.edits.values() for e in edits} == {"last"}
+    plan = every.contribute(Ctx()).plan
+    assert plan.layers() == (0, 1) and {e.rows for edits in plan.edits.values() for e in edits} == {"all"}

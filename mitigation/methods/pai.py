@@ -50,6 +50,10 @@ class PAI(Method):
     max log p (PAI's CFG processor; the paper writes gamma * p - (gamma - 1) * p_free). gamma = 1 runs no
     second stream.
 
+    `rows="all"` amplifies every query row, the question's own rows included: not PAI, a diagnostic
+    Lucid adds to see whether a prior decided in the question rows can be reached (README, "Mitigation
+    methods").
+
     Paper vs code: PAI's code sends its text-only pass through the same patched attention, with image
     positions that index text tokens there; here the image-free stream is the plain model. Zero strength
     (alpha = 0, gamma = 1) is the baseline bit for bit.
@@ -69,6 +73,9 @@ class PAI(Method):
     layers: tuple[int, ...] | None = param(
         None, "edited layers (default: L//16 .. L-1, the paper's 2..31 of 32)", min=0
     )
+    rows: str = param(
+        "last", "query rows amplified: the answer row (paper) or every row (a diagnostic)", choices=("last", "all")
+    )
 
     def second_stream(self) -> SecondStream | None:
         if self.gamma == 1.0:
@@ -81,6 +88,7 @@ class PAI(Method):
         )
         plan = Plan()
         if self.alpha != 0:
-            plan = Plan({layer: LayerEdit("image", rows="last", abs_scale=self.alpha) for layer in layers}, name="pai")
+            edit = LayerEdit("image", rows=self.rows, abs_scale=self.alpha)
+            plan = Plan({layer: edit for layer in layers}, name="pai")
         step = guidance(self.gamma, self.cutoff) if self.gamma != 1.0 else None
         return Contribution(plan=plan, logits=step)
