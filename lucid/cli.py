@@ -8,6 +8,8 @@
     lucid testbed render --n N --seed S --out DIR
     lucid testbed train --seed S --out DIR
     lucid testbed eval [--model testbed|PATH] [--n N] [--out metrics.json|-] [--method NAME[:k=v,...]]...
+    lucid segment IMAGE [QUERY] [--point X,Y[:0|1]]... [--box X0,Y0,X1,Y1]... [--sam SPEC] [--out PNG] [--json]
+    lucid testbed train-sam --seed S --out DIR / lucid testbed eval-sam [--sam SPEC] / lucid sam-to-hf SRC OUT
 
 Error contract, for every command (`LucidGroup`; commands added later get it for free): an `InputError`
 (vlm.errors) raised by a command, or a usage error from the parser, prints one `lucid: error: ...` line
@@ -582,6 +584,15 @@ def testbed_calibrate_risk(
     path = path or Path(ckpt.path) / RISK_FILE
     chosen.save(path)
     typer.echo(json.dumps(report | {"saved": str(path), "chosen": chosen.calibration["variant"]}, indent=1))
+
+
+def _register_modules() -> None:
+    from lucid import segment_cmd
+
+    segment_cmd.register(app, testbed_app)
+
+
+_register_modules()
 
 
 def main() -> None:
