@@ -219,3 +219,14 @@ def test_official_vit_b_checkpoint_through_the_registry(tmp_path):
     res = seg.segment(img, [SamPrompt(((10.0, 20.0),), (1,)), SamPrompt(box=(5.0, 5.0, 40.0, 30.0))])
     assert res[0].masks.shape == (3, 48, 80) and res[1].masks.shape == (1, 48, 80)
     assert res[0].low_res.shape == (3, 256, 256)
+
+
+def test_bench_sam_interleaves_both_backends():
+    from lucid.bench_sam import measure, to_markdown
+
+    result = measure("testbed", rounds=2)
+    md = to_markdown(result, threads=1)
+    for what in ("embed", "decode x1 (per prompt)", "decode x8 (per prompt)"):
+        assert what in md and what in result["ratios"]
+    assert {r["backend"] for r in result["rows"]} == {"segment-anything", "transformers"}
+    assert all(r["median_ms"] > 0 for r in result["rows"])
