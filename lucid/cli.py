@@ -446,6 +446,13 @@ def locate(
         str, typer.Option(help="'auto' (the checkpoint's localization heads, cached per weights hash) or L:H,L:H.")
     ] = "auto",
     out: Annotated[Path | None, typer.Option(help="Write the map, box and point over the image as PNG.")] = None,
+    threshold: Annotated[
+        str, typer.Option(help="Box rule: 'mean' (the paper: sub-cells above the map's mean) or 'peak_fraction'.")
+    ] = "mean",
+    peak_fraction: Annotated[
+        float, typer.Option(min=0.01, max=1.0, help="With --threshold peak_fraction: keep sub-cells >= F x peak.")
+    ] = 0.8,
+    sigma: Annotated[float, typer.Option(min=0.0, max=10.0, help="Gaussian smoothing of the map, in cells.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of one line.")] = False,
 ) -> None:
     """Find QUERY in IMAGE with the model's localization heads: a box and a peak point in ORIGINAL pixels."""
@@ -461,12 +468,21 @@ def locate(
             explicit = parse_heads(heads)
         except ValueError as e:
             raise InputError(f"--heads: {e}") from e
+    if threshold not in ("mean", "peak_fraction"):
+        raise InputError(f"--threshold must be 'mean' or 'peak_fraction', got {threshold!r}")
     path = checked_output(out, HEATMAP_SUFFIXES, "overlay")
     inspect_checkpoint(model)
     pil = load_image(image)
     _quiet()
-    from grounding import load_or_discover
+    from grounding import LocateParams, load_or_discover
     from grounding import locate as run_locate
+
+    params = LocateParams(
+        sigma=sigma,
+        threshold=threshold,
+        peak_fraction=peak_fraction,
+        component="peak" if threshold == "peak_fraction" else "largest",
+    )
 
     with _stdout_to_stderr():
         vlm = _load_model(model)
@@ -474,7 +490,7 @@ def locate(
             selection = load_or_discover(vlm) if heads == "auto" else load_or_discover(vlm, heads=explicit)
         except ValueError as e:
             raise InputError(f"--heads: {e}") from e
-        loc = run_locate(vlm, pil, query, selection)
+        loc = run_locate(vlm, pil, query, selection, params)
     payload = loc.to_json()
     if as_json:
         typer.echo(json.dumps(payload))

@@ -30,12 +30,13 @@ def lucid(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProc
         (["locate", SCENE, "the red circle", "--heads", "two"], "--heads"),
         (["locate", SCENE, "the red circle", "--heads", "99:0"], "--heads"),
         (["locate", SCENE, "the red circle", "--out", "overlay.xyz"], "overlay"),
+        (["locate", SCENE, "the red circle", "--threshold", "median"], "--threshold"),
         (["ask", SCENE, "Is there a red circle in the image?", "--heatmap", "h.png", "--heads", "x"], "--heads"),
         (["analyze", "--images", "no-such-folder"], "--images"),
         (["analyze", "--phrases", "no-such.jsonl"], "--phrases"),
         (["testbed", "calibrate-risk", "--seed", "-1"], "seed"),
     ],
-    ids=["empty-query", "missing-image", "heads-malformed", "heads-outside", "overlay-ext", "ask-heads",
+    ids=["empty-query", "missing-image", "heads-malformed", "heads-outside", "overlay-ext", "threshold", "ask-heads",
          "analyze-images", "analyze-phrases", "risk-seed"],
 )  # fmt: skip
 def test_bad_input_is_one_line_exit_2(args, needle, tmp_path):
