@@ -1,8 +1,8 @@
 """Backend choice for the edited attention: explicit, logged once, overridable.
 
-`LUCID_KERNELS=reference` forces the torch reference; `triton` demands the Triton kernels (an error
-if they cannot run the call); `auto` (default) uses Triton on CUDA where its verifier accepts the
-call and the reference otherwise, logging the reason once per reason.
+`LUCID_KERNELS=reference` forces the torch reference; `triton` demands the fused Triton kernel
+(`kernels.triton_attention`; an error if it cannot run the call; on CPU it needs TRITON_INTERPRET=1, the
+tests' way); `auto` (default) uses Triton on CUDA and the reference on CPU, logging the reason once.
 """
 
 from __future__ import annotations
@@ -32,10 +32,19 @@ def requested_backend() -> str:
     return name
 
 
-def _triton_verifier(query: torch.Tensor) -> tuple[bool, str]:
-    # The fused Triton kernels arrive with the single-pass mitigation issue; until then every call is
-    # served by the reference, and saying so is the honest answer.
-    return False, "no Triton edited-attention kernel is built yet; using the torch reference"
+def _triton_verifier(query: torch.Tensor, want: str) -> tuple[bool, str]:
+    """Whether the fused kernel (`kernels.triton_attention`) can serve a call on `query`, and why not."""
+    if not (query.is_cuda or want == "triton"):
+        return False, "CPU tensors: the torch reference serves them (Triton needs CUDA or its slow interpreter)"
+    if not query.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False, "CPU tensors need TRITON_INTERPRET=1 to run the Triton kernel (tests only: it is slow)"
+    try:
+        from kernels.triton_attention import HAVE_TRITON
+    except Exception as e:  # pragma: no cover
+        return False, f"the Triton kernel does not import: {e}"
+    if not HAVE_TRITON:
+        return False, "triton is not importable; using the torch reference"
+    return True, ""
 
 
 def backend_for(query: torch.Tensor) -> str:
@@ -43,7 +52,7 @@ def backend_for(query: torch.Tensor) -> str:
     want = requested_backend()
     if want == "reference":
         return "reference"
-    ok, reason = _triton_verifier(query)
+    ok, reason = _triton_verifier(query, want)
     if ok:
         return "triton"
     if want == "triton":
@@ -63,5 +72,8 @@ def edited_attention(
     record_rows: Rows = "all",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Edited attention; see `kernels.reference.edited_attention_reference` for the contract."""
-    backend_for(query)
+    if backend_for(query) == "triton":
+        from kernels.triton_attention import edited_attention_triton
+
+        return edited_attention_triton(query, key, value, mask, scale, edit, record_index, record_rows)
     return edited_attention_reference(query, key, value, mask, scale, edit, record_index, record_rows)
