@@ -1,41 +1,41 @@
-"""`lucid bench --quick` runs every path in its own process and writes a well-formed table.
-(No timing asserts: speed is reported, not tested.)"""
+"""`lucid bench --quick` times every path interleaved in one process, measures memory per path in its own
+process, and writes a well-formed table with ratios and intervals. (No timing asserts: speed is reported,
+not tested.)"""
 
-from lucid.bench import PATHS, BenchModel, render_markdown, run_bench
+from lucid.bench import PATHS, BenchModel, bootstrap_median, render_markdown, run_bench, summarise
 
 
 def test_bench_quick_writes_all_paths(tmp_path):
     out = tmp_path / "B.md"
     rows = run_bench(out, quick=True)
     assert {r["path"] for r in rows} == set(PATHS)
+    assert not [r for r in rows if "error" in r]  # every path, methods included, runs on the testbed model
     for r in rows:
-        assert r["prefill_ms"] > 0 and r["decode_ms"] > 0 and r["peak_mib"] >= 0
+        assert r["prefill_ms"] > 0 and r["decode_ms"] > 0 and r["rounds"] == 2
+        lo, hi = r["decode_ratio"][1:]
+        assert lo <= r["decode_ratio"][0] <= hi
     text = out.read_text()
-    assert "## testbed" in text
+    assert "## testbed" in text and "x sdpa [95 % CI]" in text
     for p in PATHS:
         assert f"| {p} |" in text
 
 
-def test_render_markdown_ratios():
-    rows = [
-        {
-            "model": "m",
-            "path": "sdpa",
-            "prefill_ms": 10.0,
-            "decode_ms": 2.0,
-            "peak_mib": 5,
-            "device": "cpu",
-            "dtype": "float32",
-        },
-        {
-            "model": "m",
-            "path": "eager+attn",
-            "prefill_ms": 30.0,
-            "decode_ms": 3.0,
-            "peak_mib": 50,
-            "device": "cpu",
-            "dtype": "float32",
-        },
-    ]
-    text = render_markdown(rows, [BenchModel("m", steps=4, reps=1)], quick=True)
-    assert "| eager+attn | 30.0 | 3.00 | 3.00 | 1.50 | 50 |" in text
+def test_summary_pairs_rounds_and_reports_missing_paths():
+    raw = {
+        "model": "m", "device": "cpu", "dtype": "float32", "peak_mib": {},
+        "prefill": {p: [10.0, 20.0, 10.0] for p in PATHS},
+        "decode": {p: [1.0, 2.0, 1.0] for p in PATHS},
+        "errors": {"method:var": "ValueError: no sinks"},
+    }  # fmt: skip
+    raw["decode"]["lucid-record"] = [1.5, 3.0, 1.5]  # 1.5x in every round, whatever the round's speed
+    rows = summarise(raw, {p: 5.0 for p in PATHS})
+    rec = next(r for r in rows if r["path"] == "lucid-record")
+    assert rec["decode_ratio"] == (1.5, 1.5, 1.5) and rec["decode_ms"] == 1.5e3 and rec["peak_mib"] == 5.0
+    text = render_markdown(rows, [BenchModel("m", steps=4, reps=3)], quick=True)
+    assert "| lucid-record | 10000.0 | 1.00 [1.00, 1.00] | 1500.00 | 1.50 [1.50, 1.50] | 5 |" in text
+    assert "| method:var | - | - | - | - | not run: ValueError: no sinks |" in text
+
+
+def test_bootstrap_interval_contains_the_median():
+    med, lo, hi = bootstrap_median([1.0, 1.1, 0.9, 1.05, 0.95])
+    assert med == 1.0 and 0.9 <= lo <= med <= hi <= 1.1

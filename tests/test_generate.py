@@ -68,3 +68,12 @@ def test_sampling_params_validation():
         SamplingParams(max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+def test_ignore_eos_decodes_every_step_and_keeps_the_answer(testbed_vlm):
+    inputs = build_inputs(testbed_vlm, [render_scene(2).image], ["Is there a red circle in the image?"])
+    plain = generate(testbed_vlm, inputs, SamplingParams(max_new_tokens=12))[0]
+    forced = generate(testbed_vlm, inputs, SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    assert plain.finish_reason == "eos" and len(plain.timings.decode_s) < 11  # a short answer stops early
+    assert len(forced.timings.decode_s) == 11  # 12 tokens: prefill + 11 decode steps
+    assert forced.text == plain.text and forced.token_ids == plain.token_ids and forced.finish_reason == "eos"

@@ -137,7 +137,8 @@ def generate(
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out_tokens.append(nxt)
             out_logprobs.append(torch.log_softmax(logits.float(), -1).gather(1, nxt[:, None])[:, 0])
-            done = done | torch.isin(nxt, eos_ids)
+            if not sampling.ignore_eos:
+                done = done | torch.isin(nxt, eos_ids)
             if step == sampling.max_new_tokens - 1 or bool(done.all()):
                 break
             t = time.perf_counter()

@@ -23,6 +23,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks); the text still ends at EOS
 
     def __post_init__(self) -> None:
         # SamplingError (a ValueError): max_new_tokens >= 1, finite temperature >= 0, top_p in (0, 1],
