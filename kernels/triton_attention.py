@@ -13,8 +13,10 @@ The recorder's read-out (post-edit probabilities of chosen rows on chosen key co
 the kernel's saved row statistics (max, normaliser, redistribution factors) for the recorded columns
 only: O(rows x N x D), never the full matrix (`_readout`).
 
-Compute is fp32 inside the kernel whatever the input dtype (the interpreter cannot do bf16 arithmetic;
-on GPU it is the flash-attention convention); the output has the query's dtype.
+Softmax statistics and accumulators are fp32 whatever the input dtype; on GPU the matrix products take
+bf16 / fp16 operands as they come (the flash-attention convention) and fp32 operands exactly ("ieee", no
+TF32); the interpreter cannot do bf16 arithmetic, so there inputs are upcast first. The output has the
+query's dtype.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ if HAVE_TRITON:
         SRC, DST, GATE, FRAC, ROW_START, HSCALE,
         B, H, HKV, TQ, TK, D, scale, min_gate, min_ratio,
         N_EDITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REDIST: tl.constexpr, HAS_HSCALE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -59,7 +61,7 @@ if HAVE_TRITON:
         row_ok = rows < TQ
         d_ok = dims < D
         q = tl.load(Q + ((b * H + h) * TQ + rows[:, None]) * D + dims[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
         q_pos = rows + (TK - TQ)  # absolute position of each query row among the keys
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -73,9 +75,9 @@ if HAVE_TRITON:
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < TK
             kv_off = ((b * HKV + hk) * TK + cols[:, None]) * D + dims[None, :]
-            k = tl.load(K + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            v = tl.load(V + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            z = tl.dot(q, tl.trans(k)) * scale
+            k = tl.load(K + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(V + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            z = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # fp32 accumulation
             for e in tl.static_range(N_EDITS):
                 in_set = tl.load(KEYSETS + (e * B + b) * TK + cols, mask=col_ok, other=0) != 0
                 last_only = tl.load(ROWS_LAST + e)
@@ -95,7 +97,7 @@ if HAVE_TRITON:
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(z - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             if HAS_REDIST:
                 src = (tl.load(SRC + b * TK + cols, mask=col_ok, other=0) != 0).to(tl.float32)
                 dst = (tl.load(DST + b * TK + cols, mask=col_ok, other=0) != 0).to(tl.float32)
@@ -105,8 +107,8 @@ if HAVE_TRITON:
                 s_i = s_i * alpha + tl.sum(p_src, 1)
                 n_i = n_i * alpha + tl.sum(p_dst, 1)
                 i_i = i_i * alpha + tl.sum(p * gk[None, :], 1)
-                acc_s = acc_s * alpha[:, None] + tl.dot(p_src, v)
-                acc_t = acc_t * alpha[:, None] + tl.dot(p_dst, v)
+                acc_s = acc_s * alpha[:, None] + tl.dot(p_src.to(v.dtype), v, input_precision=PRECISION)
+                acc_t = acc_t * alpha[:, None] + tl.dot(p_dst.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]
@@ -160,9 +162,11 @@ def edited_attention_triton(
     b, h, tq, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
     dev = query.device
-    q = query.float().contiguous()
-    k = key.float().contiguous()
-    v = value.float().contiguous()
+    # GPU: operands in their own dtype, fp32 accumulation and softmax (fp32 operands: exact "ieee" dots, no
+    # TF32). The interpreter cannot do bf16/fp16 arithmetic: there everything is upcast to fp32 first.
+    cast = (lambda t: t.float()) if (interpreting() or query.dtype == torch.float32) else (lambda t: t)
+    q, k, v = (cast(t).contiguous() for t in (query, key, value))
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     out = torch.empty(b, tq, h, d, dtype=torch.float32, device=dev)
     stats = [torch.empty(b, h, tq, dtype=torch.float32, device=dev) for _ in range(4)]
     dummy = torch.zeros(1, dtype=torch.int8, device=dev)
@@ -210,11 +214,11 @@ def edited_attention_triton(
         src, dst, gk, frac, row_start, hscale,
         b, h, hkv, tq, tk, d, float(scale), min_gate, min_ratio,
         N_EDITS=len(edits), HAS_MASK=has_mask, HAS_REDIST=r is not None, HAS_HSCALE=hs is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
     )  # fmt: skip
     rows_out = None
     if record_index is not None:
-        rows_out = _readout(q, k, mask, scale, edit, record_index, record_rows, *stats)
+        rows_out = _readout(q.float(), k.float(), mask, scale, edit, record_index, record_rows, *stats)
     return out.to(query.dtype), rows_out
 
 
