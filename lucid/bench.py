@@ -365,8 +365,27 @@ def run_bench(out: str | Path | None, quick: bool = False, device: str | None = 
                     memory[p] = _subprocess(["--memory", spec.name, p, str(spec.steps), layers], device)
         rows += summarise(raw, memory)
     if out is not None:
-        write_output(out, render_markdown(rows, specs, quick))
+        old = Path(out).read_text(encoding="utf-8") if Path(out).is_file() else None
+        write_output(out, keep_other_sections(render_markdown(rows, specs, quick), old))
     return rows
+
+
+#: headings of the sections `lucid bench` writes; any other `## ` section of the file it overwrites is kept
+OWN_SECTIONS = ("testbed", "llava15-shaped")
+
+
+def keep_other_sections(text: str, existing: str | None) -> str:
+    """`text` followed by the `## ` sections of `existing` that `lucid bench` does not write (e.g. the SAM
+    table of `python -m lucid.bench_sam`), so regenerating BENCHMARKS.md does not drop them."""
+    kept, keep = [], False
+    for line in (existing or "").splitlines():
+        if line.startswith("## "):
+            keep = not line[3:].startswith(OWN_SECTIONS)
+        elif line.startswith("# "):
+            keep = False
+        if keep:
+            kept.append(line)
+    return text if not kept else text.rstrip("\n") + "\n\n" + "\n".join(kept).rstrip("\n") + "\n"
 
 
 def _mib(v: float) -> str:

@@ -39,3 +39,13 @@ def test_summary_pairs_rounds_and_reports_missing_paths():
 def test_bootstrap_interval_contains_the_median():
     med, lo, hi = bootstrap_median([1.0, 1.1, 0.9, 1.05, 0.95])
     assert med == 1.0 and 0.9 <= lo <= med <= hi <= 1.1
+
+
+def test_regenerating_keeps_other_tools_sections():
+    from lucid.bench import keep_other_sections
+
+    old = "# Benchmarks\n\nold intro\n\n## testbed: old\n\n| old |\n\n## SAM: tiny\n\n| sam row |\n"
+    new = "# Benchmarks\n\nnew intro\n\n## testbed: new\n\n| new |\n"
+    merged = keep_other_sections(new, old)
+    assert merged == new + "\n## SAM: tiny\n\n| sam row |\n"
+    assert keep_other_sections(new, None) == new
