@@ -8,6 +8,8 @@
     lucid testbed render --n N --seed S --out DIR
     lucid testbed train --seed S --out DIR
     lucid testbed eval [--model testbed|PATH] [--n N] [--out metrics.json|-] [--method NAME[:k=v,...]]...
+    lucid eval --suite S [--suite ...] [--model M ...] [--method SET ...] [--limit N] [--out DIR] [--workers N]
+               [--batch-size B] [--address ADDR] [--submit http://HEAD:8265]   (lucid/eval_cmd.py)
     lucid segment IMAGE [QUERY] [--point X,Y[:0|1]]... [--box X0,Y0,X1,Y1]... [--sam SPEC] [--out PNG] [--json]
     lucid testbed train-sam --seed S --out DIR / lucid testbed eval-sam [--sam SPEC] / lucid sam-to-hf SRC OUT
 
@@ -349,34 +351,6 @@ def testbed_train(
     typer.echo(f"wrote {out}")
 
 
-@testbed_app.command("eval")
-def testbed_eval(
-    model: Annotated[str, typer.Option(help="'testbed' or a local llava-hf checkpoint directory.")] = "testbed",
-    n: Annotated[int, typer.Option(min=1, help="Held-out scenes.")] = 300,
-    seed: Annotated[int, typer.Option(help="Seed of the held-out scenes.")] = 12345,
-    out: Annotated[Path | None, typer.Option(help="Also write the metrics JSON here (.json; - = stdout only).")] = None,
-    method: Annotated[list[str] | None, typer.Option("--method", help=METHOD_HELP)] = None,
-) -> None:
-    """Testbed quality: POPE splits, colour/count accuracy, caption recall and CHAIR. The JSON goes to
-    stdout (progress to stderr)."""
-    from vlm.checkpoint import inspect_checkpoint
-    from vlm.contract import check_seed
-
-    check_seed(seed, "--seed")
-    path = checked_output(out, (".json",), "metrics", stdout_ok=True)
-    inspect_checkpoint(model)
-    _quiet()
-    from testbed.evaluate import EvalConfig, evaluate
-
-    methods = _methods(method)
-    with _stdout_to_stderr():
-        vlm = _load_model(model)
-        metrics = evaluate(vlm, EvalConfig(n_scenes=n, seed=seed), methods=methods)
-    metrics["model"] = vlm.name
-    metrics["methods"] = [m.to_json() for m in methods]
-    deliver(json.dumps(metrics, indent=1), path)
-
-
 @app.command("methods")
 def methods_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print each method's JSON schema instead.")] = False,
@@ -606,9 +580,10 @@ def testbed_calibrate_risk(
 
 
 def _register_modules() -> None:
-    from lucid import segment_cmd
+    from lucid import eval_cmd, segment_cmd
 
     segment_cmd.register(app, testbed_app)
+    eval_cmd.register(app, testbed_app)  # lucid eval, lucid testbed eval (its alias)
 
 
 _register_modules()

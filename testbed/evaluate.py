@@ -154,18 +154,10 @@ def _answer_all(
     return answers
 
 
-def evaluate(
-    vlm: VLM,
-    cfg: EvalConfig = EvalConfig(),
-    plan: Plan | None = None,
-    show_progress: bool = True,
-    methods: Sequence[Method] = (),
-) -> dict:
-    """Run every testbed metric (or `cfg.families`); returns a JSON-able dict.
-
-    Args:
-        plan, methods: what every answer is generated with (`vlm.generate`); none is the baseline.
-    """
+def build_families(cfg: EvalConfig = EvalConfig()) -> dict[str, list[tuple[Scene, QA]]]:
+    """Every question family of `cfg` (or `cfg.families`), in the order `evaluate` answers them: the
+    held-out scenes, the reference statistics for POPE popular/adversarial and the foreign scenes are
+    all drawn here, deterministically from `cfg.seed` (the eval suites `testbed-*` reuse it)."""
     held = list(scenes(cfg.seed, cfg.n_scenes, cfg.world))
     ref = list(scenes(cfg.seed + 1, cfg.reference_scenes, TRAIN_CONFIG))
     freq, co = category_frequency(ref), cooccurrence(ref)
@@ -199,51 +191,78 @@ def evaluate(
                 families.setdefault("foreign_color", []).append((fs, qa))
     if wanted is not None:
         families = {k: v for k, v in families.items() if k in wanted}
+    return families
+
+
+def max_new_tokens(family: str) -> int:
+    """Answer length budget of a question family (captions 48, boxes as text 12, short answers 4)."""
+    return 48 if family == "caption" else 12 if family == "where" else 4
+
+
+def score_family(name: str, items: list[tuple[Scene, QA]], answers: list[str]) -> dict:
+    """The metrics of one family from its answers, as the entries `evaluate` puts in its result."""
+    if name == "partner_absent":
+        preds = [parse_yes_no(a) for a in answers]
+        return {name: {"false_yes_rate": float(np.mean([p == "yes" for p in preds])), "n": len(preds)}}
+    if name == "where":
+        ious = []
+        for a, (_, qa) in zip(answers, items):
+            pred = parse_box(a)
+            truth = tuple(float(v) for v in qa.answer.split(","))
+            ious.append(box_iou(pred, truth) if pred is not None else 0.0)
+        return {
+            "where": {
+                "box_accuracy": float(np.mean([i >= 0.5 for i in ious])),
+                "mean_iou": float(np.mean(ious)),
+                "n": len(ious),
+            }
+        }
+    if name.startswith("pope_") or name == "foreign_pope":
+        preds = [parse_yes_no(a) for a in answers]
+        return {name: binary_metrics(preds, [qa.answer.lower() for _, qa in items])}
+    if name in ("color", "count", "foreign_color"):
+        ok = [a.strip().rstrip(".").lower() == qa.answer.lower() for a, (_, qa) in zip(answers, items)]
+        return {f"{name}_accuracy": float(np.mean(ok))}
+    mentioned = [mentioned_categories(a) for a in answers]
+    truth = [s.categories() for s, _ in items]
+    hits = sum(len(m & t) for m, t in zip(mentioned, truth))
+    partner_scenes = [(m, set(absent_partners(s))) for m, (s, _) in zip(mentioned, items)]
+    partner_scenes = [(m, p) for m, p in partner_scenes if p]
+    return {
+        "caption": {
+            "recall": hits / max(1, sum(len(t) for t in truth)),
+            "chair_i": sum(len(m - t) for m, t in zip(mentioned, truth)) / max(1, sum(len(m) for m in mentioned)),
+            "chair_s": float(np.mean([bool(m - t) for m, t in zip(mentioned, truth)])),
+            "mean_length_words": float(np.mean([len(a.split()) for a in answers])),
+            # of the captions of scenes with an absent partner, the share that names one
+            "partner_absent_named": float(np.mean([bool(m & p) for m, p in partner_scenes])) if partner_scenes else 0.0,
+            "examples": [
+                {"truth": sorted(" ".join(c) for c in t), "answer": a} for t, a in list(zip(truth, answers))[:5]
+            ],
+        }
+    }
+
+
+def evaluate(
+    vlm: VLM,
+    cfg: EvalConfig = EvalConfig(),
+    plan: Plan | None = None,
+    show_progress: bool = True,
+    methods: Sequence[Method] = (),
+) -> dict:
+    """Run every testbed metric (or `cfg.families`); returns a JSON-able dict.
+
+    Args:
+        plan, methods: what every answer is generated with (`vlm.generate`); none is the baseline.
+    """
+    families = build_families(cfg)
     total = sum(len(v) for v in families.values())
     results: dict = {"n_scenes": cfg.n_scenes, "seed": cfg.seed}
     with Progress(disable=not show_progress, console=Console(stderr=True)) as bar:  # stdout stays for results
         task = bar.add_task("testbed eval", total=total)
         for name, items in families.items():
-            max_new = 48 if name == "caption" else 12 if name == "where" else 4
-            answers = _answer_all(vlm, items, cfg.batch_size, max_new, plan, lambda k: bar.advance(task, k), methods)
-            if name == "partner_absent":
-                preds = [parse_yes_no(a) for a in answers]
-                results[name] = {"false_yes_rate": float(np.mean([p == "yes" for p in preds])), "n": len(preds)}
-            elif name == "where":
-                ious = []
-                for a, (_, qa) in zip(answers, items):
-                    pred = parse_box(a)
-                    truth = tuple(float(v) for v in qa.answer.split(","))
-                    ious.append(box_iou(pred, truth) if pred is not None else 0.0)
-                results["where"] = {
-                    "box_accuracy": float(np.mean([i >= 0.5 for i in ious])),
-                    "mean_iou": float(np.mean(ious)),
-                    "n": len(ious),
-                }
-            elif name.startswith("pope_") or name == "foreign_pope":
-                preds = [parse_yes_no(a) for a in answers]
-                results[name] = binary_metrics(preds, [qa.answer.lower() for _, qa in items])
-            elif name in ("color", "count", "foreign_color"):
-                ok = [a.strip().rstrip(".").lower() == qa.answer.lower() for a, (_, qa) in zip(answers, items)]
-                results[f"{name}_accuracy"] = float(np.mean(ok))
-            else:
-                mentioned = [mentioned_categories(a) for a in answers]
-                truth = [s.categories() for s, _ in items]
-                hits = sum(len(m & t) for m, t in zip(mentioned, truth))
-                partner_scenes = [(m, set(absent_partners(s))) for m, (s, _) in zip(mentioned, items)]
-                partner_scenes = [(m, p) for m, p in partner_scenes if p]
-                results["caption"] = {
-                    "recall": hits / max(1, sum(len(t) for t in truth)),
-                    "chair_i": sum(len(m - t) for m, t in zip(mentioned, truth))
-                    / max(1, sum(len(m) for m in mentioned)),
-                    "chair_s": float(np.mean([bool(m - t) for m, t in zip(mentioned, truth)])),
-                    "mean_length_words": float(np.mean([len(a.split()) for a in answers])),
-                    # of the captions of scenes with an absent partner, the share that names one
-                    "partner_absent_named": float(np.mean([bool(m & p) for m, p in partner_scenes]))
-                    if partner_scenes
-                    else 0.0,
-                    "examples": [
-                        {"truth": sorted(" ".join(c) for c in t), "answer": a} for t, a in list(zip(truth, answers))[:5]
-                    ],
-                }
+            answers = _answer_all(
+                vlm, items, cfg.batch_size, max_new_tokens(name), plan, lambda k: bar.advance(task, k), methods
+            )
+            results.update(score_family(name, items, answers))
     return results

@@ -1,0 +1,165 @@
+"""Metrics of the eval suites, computed from per-sample numbers, vectorised over bootstrap resamples.
+
+Every suite reduces a judged sample to a few numbers (its `stats`, e.g. POPE's `pred_yes`, `label_yes`);
+a metric kind aggregates arrays of them. The aggregators take arrays of shape [..., n] and return
+metrics of shape [...], so the same code gives the point estimate (one row) and B bootstrap resamples
+at once (`stats[..., idx]` with idx [B, n]).
+
+Kinds:
+
+* `binary` (POPE): accuracy, precision, recall, F1 and yes_ratio of the *predictions* ("yes" is the
+  positive class); precision / recall / F1 are 0 where undefined (no predicted / no actual yes).
+* `false_yes` (questions whose answer is "No"): false_yes_rate.
+* `chair`: CHAIR_s (captions with at least one hallucinated object), CHAIR_i (hallucinated object
+  mentions / object mentions), recall (ground-truth objects named / ground-truth objects), mean_length
+  (words); with `absent_partner` stats also the testbed's partner_absent_named.
+* `accuracy`: accuracy of exact answers.
+* `box`: box_accuracy (IoU >= 0.5) and mean_iou.
+
+Intervals: percentile bootstrap over samples (`bootstrap`). Against the baseline: a *paired* bootstrap
+of the difference (both configurations resampled with the same sample indices, so the pairing of
+answers to the same question is kept) with a two-sided p-value, and for accuracies McNemar's exact test
+on the discordant pairs (`mcnemar_exact`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+Arrays = Mapping[str, np.ndarray]
+
+
+def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return np.divide(a, b, out=np.zeros(np.broadcast(a, b).shape), where=b != 0)
+
+
+def binary(s: Arrays) -> dict[str, np.ndarray]:
+    p, y = np.asarray(s["pred_yes"], float), np.asarray(s["label_yes"], float)
+    n = p.shape[-1]
+    tp = (p * y).sum(-1)
+    fp = (p * (1 - y)).sum(-1)
+    tn = ((1 - p) * (1 - y)).sum(-1)
+    fn = ((1 - p) * y).sum(-1)
+    precision, recall = _div(tp, tp + fp), _div(tp, tp + fn)
+    return {
+        "accuracy": _div(tp + tn, n),
+        "precision": precision,
+        "recall": recall,
+        "f1": _div(2 * precision * recall, precision + recall),
+        "yes_ratio": _div(tp + fp, n),
+    }
+
+
+def false_yes(s: Arrays) -> dict[str, np.ndarray]:
+    return {"false_yes_rate": np.asarray(s["pred_yes"], float).mean(-1)}
+
+
+def chair(s: Arrays) -> dict[str, np.ndarray]:
+    out = {
+        "chair_s": np.asarray(s["hallucinated_any"], float).mean(-1),
+        "chair_i": _div(np.asarray(s["hallucinated"], float).sum(-1), np.asarray(s["mentions"], float).sum(-1)),
+        "recall": _div(np.asarray(s["covered"], float).sum(-1), np.asarray(s["truth"], float).sum(-1)),
+        "mean_length": np.asarray(s["words"], float).mean(-1),
+    }
+    if "absent_partner" in s:  # testbed: of captions of scenes with an absent partner, the share naming one
+        has = np.asarray(s["absent_partner"], float)
+        out["partner_absent_named"] = _div((has * np.asarray(s["names_absent_partner"], float)).sum(-1), has.sum(-1))
+    return out
+
+
+def accuracy(s: Arrays) -> dict[str, np.ndarray]:
+    return {"accuracy": np.asarray(s["correct"], float).mean(-1)}
+
+
+def box(s: Arrays) -> dict[str, np.ndarray]:
+    iou = np.asarray(s["iou"], float)
+    return {"box_accuracy": (iou >= 0.5).astype(float).mean(-1), "mean_iou": iou.mean(-1)}
+
+
+KINDS = {"binary": binary, "false_yes": false_yes, "chair": chair, "accuracy": accuracy, "box": box}
+# which direction is better, per metric (for the report's arrows); unlisted: higher is better
+LOWER_IS_BETTER = {"false_yes_rate", "chair_s", "chair_i", "partner_absent_named"}
+# a metric per kind that the report charts and tests against the baseline first
+PRIMARY = {
+    "binary": ("accuracy", "f1", "yes_ratio"),
+    "false_yes": ("false_yes_rate",),
+    "chair": ("chair_s", "chair_i", "recall"),
+    "accuracy": ("accuracy",),
+    "box": ("box_accuracy",),
+}
+
+
+def stack(records: list[dict]) -> dict[str, np.ndarray]:
+    """Per-sample `stats` dicts -> one array per stat, in record order."""
+    keys = records[0]["stats"].keys() if records else ()
+    return {k: np.array([r["stats"][k] for r in records], dtype=float) for k in keys}
+
+
+def aggregate(kind: str, s: Arrays) -> dict[str, float]:
+    return {k: float(v) for k, v in KINDS[kind](s).items()}
+
+
+def _indices(n: int, b: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(b, n))
+
+
+def bootstrap(kind: str, s: Arrays, b: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, tuple]:
+    """Percentile bootstrap interval of every metric of `kind` over the samples."""
+    n = len(next(iter(s.values())))
+    if n == 0 or b <= 0:
+        return {}
+    idx = _indices(n, b, seed)
+    boot = KINDS[kind]({k: np.asarray(v)[idx] for k, v in s.items()})
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    return {k: (float(np.quantile(v, lo)), float(np.quantile(v, hi))) for k, v in boot.items()}
+
+
+def paired(kind: str, s: Arrays, base: Arrays, b: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, dict]:
+    """Method minus baseline on the same samples (aligned arrays): the difference, its paired bootstrap
+    interval and a two-sided bootstrap p-value (twice the share of resampled differences on the far
+    side of 0, at least 1/(b+1))."""
+    n = len(next(iter(s.values())))
+    if n == 0 or b <= 0:
+        return {}
+    idx = _indices(n, b, seed)
+    point_m, point_b = KINDS[kind](s), KINDS[kind](base)
+    boot_m = KINDS[kind]({k: np.asarray(v)[idx] for k, v in s.items()})
+    boot_b = KINDS[kind]({k: np.asarray(v)[idx] for k, v in base.items()})
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    out = {}
+    for k in point_m:
+        d = boot_m[k] - boot_b[k]
+        diff = float(point_m[k] - point_b[k])
+        if np.all(d == 0):
+            p = 1.0
+        else:
+            p = min(1.0, 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
+            p = max(p, 1 / (b + 1))
+        out[k] = {"diff": diff, "ci": (float(np.quantile(d, lo)), float(np.quantile(d, hi))), "p": p}
+    return out
+
+
+def mcnemar_exact(correct: np.ndarray, base_correct: np.ndarray) -> dict[str, float]:
+    """McNemar's exact test on paired 0/1 outcomes: b = right only with the method, c = right only with
+    the baseline; p = two-sided binomial(b + c, 1/2) tail."""
+    m, base = np.asarray(correct, bool), np.asarray(base_correct, bool)
+    b = int(np.sum(m & ~base))
+    c = int(np.sum(~m & base))
+    n, k = b + c, min(b, c)
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+    return {"method_only": b, "baseline_only": c, "p": p}
+
+
+def wilson(k: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion k / n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (centre - half, centre + half)

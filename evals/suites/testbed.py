@@ -1,0 +1,210 @@
+"""The testbed suites: the questions of `lucid testbed eval` on fresh held-out scenes, exact ground truth.
+
+The scenes and questions are `testbed.evaluate.build_families` (seed 12345, 300 scenes by default, the
+reference statistics for POPE popular/adversarial from the training distribution), so these suites give
+the numbers `lucid testbed eval` gives, which is a thin alias of them.
+
+* `testbed-pope`: POPE random / popular / adversarial, and the partner-absent split (a scene showing one
+  member of a co-occurring pair without its partner, asked about the partner: the false-yes rate);
+* `testbed-chair`: captions ("Describe the image."), CHAIR against the scene's exact objects, recall,
+  length, and how often a caption names the absent partner;
+* `testbed-qa`: colour and count accuracy, box-as-text ("Where is the red circle?", IoU >= 0.5), and
+  POPE-style / colour questions on foreign scenes drawn by other code.
+
+Answers are parsed with the testbed's own rules (`testbed.evaluate.parse_yes_no`, `mentioned_categories`,
+`parse_box`), as `lucid testbed eval` does.
+"""
+
+from __future__ import annotations
+
+from evals.suites.base import Param, Sample, Suite, SuiteError
+
+_CACHE: dict[tuple[int, int], tuple[int, dict]] = {}
+
+
+def families(n: int, seed: int, n_foreign: int | None = None) -> dict:
+    """`build_families` for these settings, built once per process; `n_foreign=None`: any number of
+    foreign scenes will do (the held-out families do not depend on it)."""
+    built = _CACHE.get((n, seed))
+    if built is None or (n_foreign is not None and built[0] != n_foreign):
+        from testbed.evaluate import EvalConfig, build_families
+
+        k = n_foreign or 0
+        built = (k, build_families(EvalConfig(n_scenes=n, seed=seed, n_foreign=k)))
+        _CACHE[(n, seed)] = built
+    return built[1]
+
+
+class _Testbed(Suite):
+    FAMILIES: dict[str, tuple[str, str]] = {}  # family -> (split, kind)
+    PARAMS = {
+        "n": Param(int, 300, "held-out scenes"),
+        "seed": Param(int, 12345, "seed of the held-out scenes (training uses other streams)"),
+    }
+
+    def setup(self) -> None:
+        if int(self.params["n"]) < 1:
+            raise SuiteError(f"suite {self.name}: n must be >= 1")
+        if int(self.params["seed"]) < 0:
+            raise SuiteError(f"suite {self.name}: seed must be >= 0")
+
+    def _families(self) -> dict:
+        nf = self.params.get("n_foreign")
+        fams = families(int(self.params["n"]), int(self.params["seed"]), None if nf is None else int(nf))
+        return {f: fams.get(f, []) for f in self.FAMILIES}
+
+    def splits(self) -> dict[str, str]:
+        return {split: kind for split, kind in self.FAMILIES.values()}
+
+    def items(self, split: str) -> list:
+        """The (scene, QA) pairs of a split, in sample order."""
+        family = next(f for f, (s, _) in self.FAMILIES.items() if s == split)
+        return self._families()[family]
+
+    def samples(self) -> list[Sample]:
+        from testbed.evaluate import max_new_tokens
+
+        out = []
+        for family, items in self._families().items():
+            split = self.FAMILIES[family][0]
+            for i, (scene, qa) in enumerate(items):
+                out.append(
+                    Sample(
+                        id=f"{split}/{i}",
+                        split=split,
+                        question=qa.question,
+                        image=scene.image,
+                        max_new_tokens=max_new_tokens(family),
+                        target=self._target(family, scene, qa),
+                        meta={"family": family},
+                    )
+                )
+        return out
+
+    def _target(self, family: str, scene, qa):
+        return qa.answer
+
+
+class TestbedPope(_Testbed):
+    name = "testbed-pope"
+    summary = "POPE random/popular/adversarial + partner-absent false-yes on testbed scenes"
+    FAMILIES = {
+        "pope_random": ("random", "binary"),
+        "pope_popular": ("popular", "binary"),
+        "pope_adversarial": ("adversarial", "binary"),
+        "partner_absent": ("partner_absent", "false_yes"),
+    }
+
+    def _target(self, family, scene, qa):
+        return qa.answer.lower()
+
+    def judge(self, sample: Sample, answer: str, finish_reason: str = "eos") -> dict:
+        from testbed.evaluate import parse_yes_no
+
+        pred = parse_yes_no(answer)
+        stats = {"pred_yes": int(pred == "yes")}
+        if sample.split != "partner_absent":
+            stats["label_yes"] = int(sample.target == "yes")
+        return {"pred": pred, "stats": stats}
+
+
+class TestbedChair(_Testbed):
+    name = "testbed-chair"
+    summary = "CHAIR / recall / length of testbed captions against the scenes' exact objects"
+    FAMILIES = {"caption": ("captions", "chair")}
+
+    def _target(self, family, scene, qa):
+        from testbed.evaluate import absent_partners
+
+        return {
+            "objects": sorted(" ".join(c) for c in scene.categories()),
+            "absent_partners": [" ".join(c) for c in absent_partners(scene)],
+        }
+
+    def judge(self, sample: Sample, answer: str, finish_reason: str = "eos") -> dict:
+        from testbed.language import mentioned_categories
+
+        m = {" ".join(c) for c in mentioned_categories(answer)}
+        truth, partners = set(sample.target["objects"]), set(sample.target["absent_partners"])
+        wrong = m - truth
+        return {
+            "pred": {"mentioned": sorted(m), "hallucinated": sorted(wrong)},
+            "stats": {
+                "mentions": len(m),
+                "hallucinated": len(wrong),
+                "hallucinated_any": int(bool(wrong)),
+                "truth": len(truth),
+                "covered": len(m & truth),
+                "words": len(answer.split()),
+                "absent_partner": int(bool(partners)),
+                "names_absent_partner": int(bool(m & partners)),
+            },
+        }
+
+
+class TestbedQA(_Testbed):
+    name = "testbed-qa"
+    summary = "colour / count accuracy, box-as-text, and foreign-scene questions on the testbed"
+    FAMILIES = {
+        "color": ("color", "accuracy"),
+        "count": ("count", "accuracy"),
+        "where": ("where", "box"),
+        "foreign_pope": ("foreign_pope", "binary"),
+        "foreign_color": ("foreign_color", "accuracy"),
+    }
+    PARAMS = {**_Testbed.PARAMS, "n_foreign": Param(int, 150, "scenes drawn by other code (testbed.foreign)")}
+
+    def _target(self, family, scene, qa):
+        return qa.answer.lower() if family == "foreign_pope" else qa.answer
+
+    def judge(self, sample: Sample, answer: str, finish_reason: str = "eos") -> dict:
+        from testbed.evaluate import box_iou, parse_yes_no
+        from testbed.language import parse_box
+
+        if sample.split == "foreign_pope":
+            pred = parse_yes_no(answer)
+            return {"pred": pred, "stats": {"pred_yes": int(pred == "yes"), "label_yes": int(sample.target == "yes")}}
+        if sample.split == "where":
+            box = parse_box(answer)
+            truth = tuple(float(v) for v in sample.target.split(","))
+            return {"pred": list(box) if box else None, "stats": {"iou": box_iou(box, truth) if box else 0.0}}
+        pred = answer.strip().rstrip(".").lower()
+        return {"pred": pred, "stats": {"correct": int(pred == sample.target.lower())}}
+
+
+def testbed_eval_metrics(model: str, n: int, seed: int, methods: list, batch_size: int = 16) -> dict:
+    """`lucid testbed eval`: the three testbed suites answered in this process (torch threads as they
+    are, batches of 16 per question family, as `testbed.evaluate.evaluate`), scored into its JSON."""
+    from evals.job import JobSpec, make_plan, run_job
+    from testbed.evaluate import score_family
+
+    # testbed-qa first: its scenes (foreign ones included) serve the other two suites as well
+    suites = (f"testbed-qa:n={n},seed={seed}", f"testbed-pope:n={n},seed={seed}", f"testbed-chair:n={n},seed={seed}")
+    spec = JobSpec(
+        suites=suites,
+        models=(model,),
+        methods=(tuple(methods),) if methods else (),
+        baseline=not methods,
+        workers=0,
+        batch_size=batch_size,
+        threads=None,
+        bootstrap=0,
+    )
+    plan = make_plan(spec)
+    run_job(spec, plan)
+    answers: dict[str, list[str]] = {}
+    items: dict[str, list] = {}
+    for cell in plan.cells:
+        suite = cell.suite
+        for family, (split, _) in suite.FAMILIES.items():
+            its = suite.items(split)
+            items[family] = its
+            answers[family] = [cell.done[f"{split}/{i}"]["answer"] for i in range(len(its))]
+    order = list(families(n, seed, int(TestbedQA.PARAMS["n_foreign"].default)))
+    results: dict = {"n_scenes": n, "seed": seed}
+    for family in order:
+        if family in items and items[family]:
+            results.update(score_family(family, items[family], answers[family]))
+    results["model"] = plan.models[0].name
+    results["methods"] = plan.cells[0].methods
+    return results

@@ -1,0 +1,91 @@
+"""One model replica: loads a checkpoint once, answers batches of (image, question) with given methods.
+
+The same class runs in this process (`lucid eval --workers 0`, `lucid testbed eval`) or as a Ray actor
+(`ray.remote(Worker)`, one per worker, declaring `num_cpus` = the torch threads it uses). A batch
+payload is plain data: questions, images (file paths or PIL images), max_new_tokens, the method set as
+`to_json` dicts and the decoding settings; the reply is one dict per sample (answer, finish reason,
+token count, timings).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import time
+
+
+class Worker:
+    def __init__(self, model: str, threads: int | None = None, device: str | None = None) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        t = time.perf_counter()
+        from vlm import load_vlm
+
+        self.vlm = load_vlm(model, device=device)
+        self.load_s = time.perf_counter() - t
+        self._methods: dict[str, tuple] = {}
+
+    def info(self) -> dict:
+        """Where this replica runs: host, pid, torch threads, device, CPU / GPU model, load time."""
+        import torch
+
+        from kernels.dispatch import requested_backend
+
+        dev = self.vlm.device
+        gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(dev),
+            "dtype": str(self.vlm.dtype).replace("torch.", ""),
+            "gpu": gpu,
+            "cpu": _cpu_model(),
+            "logical_cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "edited_attention_backend": requested_backend(),
+            "load_s": round(self.load_s, 3),
+        }
+
+    def run(self, payload: dict) -> list[dict]:
+        from mitigation.methods import parse_methods
+        from vlm import SamplingParams, build_inputs, generate
+
+        key = repr(payload["methods"])
+        if key not in self._methods:
+            self._methods[key] = parse_methods(payload["methods"])
+        sampling = SamplingParams(
+            max_new_tokens=int(payload["max_new_tokens"]),
+            temperature=float(payload.get("temperature", 0.0)),
+            seed=int(payload.get("seed", 0)),
+        )
+        t = time.perf_counter()
+        inputs = build_inputs(self.vlm, list(payload["images"]), list(payload["questions"]))
+        gens = generate(self.vlm, inputs, sampling, methods=self._methods[key])
+        batch_s = time.perf_counter() - t
+        return [
+            {
+                "answer": g.text,
+                "finish_reason": g.finish_reason,
+                "n_tokens": len(g.token_ids),
+                "timings": {**g.timings.to_dict(), "batch_s": round(batch_s, 6)},
+                "worker_pid": os.getpid(),
+            }
+            for g in gens
+        ]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
