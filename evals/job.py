@@ -190,6 +190,13 @@ def make_plan(spec: JobSpec) -> Plan:
         raise JobError(f"--limit must be >= 1, got {spec.limit}")
     if spec.cpus_per_worker <= 0 or spec.gpus_per_worker < 0:
         raise JobError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
+    if spec.workers and not (spec.address or os.environ.get("RAY_ADDRESS")):
+        _check_need(spec, os.cpu_count() or 1, None, "this machine (a local Ray instance)")
+    sets = ([(BASELINE, [])] if spec.baseline else []) + [parse_method_set(t) for t in spec.methods]
+    sets = list({label: (label, ms) for label, ms in sets}.values())
+    if not sets:
+        raise JobError("nothing to run: --no-baseline and no --method")
+    infos = {m: inspect_checkpoint(m) for m in dict.fromkeys(spec.models)}  # CheckpointError before any work
     suites = []
     for s in dict.fromkeys(spec.suites):
         suite = build(s, spec.data)
@@ -203,16 +210,11 @@ def make_plan(spec: JobSpec) -> Plan:
         spec.out.mkdir(parents=True, exist_ok=True)
     cache = spec.out / ".weights_sha256.json" if spec.out is not None else None
     models = []
-    for m in dict.fromkeys(spec.models):
-        info = inspect_checkpoint(m)
+    for m, info in infos.items():
         name = TESTBED if m == TESTBED else info.path.name
         models.append(Model(m, name, info.path, weights_sha256(info.path, cache)))
     if len({m.name for m in models}) != len(models):
         raise JobError("two --model directories have the same name; the results are keyed by name")
-    sets = ([(BASELINE, [])] if spec.baseline else []) + [parse_method_set(t) for t in spec.methods]
-    sets = list({label: (label, ms) for label, ms in sets}.values())
-    if not sets:
-        raise JobError("nothing to run: --no-baseline and no --method")
     cells = []
     for model in models:
         for label, methods in sets:
@@ -408,17 +410,23 @@ def run_job(spec: JobSpec, plan: Plan | None = None, log: Callable[[str], None] 
 
 
 def _run_local(spec: JobSpec, plan: Plan, model: Model, batches: list[Batch], on_result) -> dict:
+    import torch
+
     from evals.worker import Worker
 
-    t = time.perf_counter()
-    worker = Worker(model.source, spec.torch_threads(), spec.device)
-    info = worker.info()
-    start = time.perf_counter()
-    n = 0
-    for b in batches:
-        on_result(b, worker.run(b.payload(plan.cells[b.cell], spec)))
-        n += len(b.samples)
-    return _throughput(model, spec, [info], n, start, t)
+    threads = torch.get_num_threads()  # this process's setting, restored after
+    try:
+        t = time.perf_counter()
+        worker = Worker(model.source, spec.torch_threads(), spec.device)
+        info = worker.info()
+        start = time.perf_counter()
+        n = 0
+        for b in batches:
+            on_result(b, worker.run(b.payload(plan.cells[b.cell], spec)))
+            n += len(b.samples)
+        return _throughput(model, spec, [info], n, start, t)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _throughput(model: Model, spec: JobSpec, infos: list[dict], n: int, start: float, t0: float) -> dict:
@@ -458,17 +466,21 @@ def _check_resources(spec: JobSpec) -> None:
     import ray
 
     have = ray.cluster_resources()
+    _check_need(spec, have.get("CPU", 0), have.get("GPU", 0), "the Ray cluster")
+
+
+def _check_need(spec: JobSpec, cpus: float, gpus: float | None, where: str) -> None:
     need_cpu = spec.workers * spec.cpus_per_worker
     need_gpu = spec.workers * spec.gpus_per_worker
-    if need_cpu > have.get("CPU", 0) + 1e-9:
+    if need_cpu > cpus + 1e-9:
         raise JobError(
             f"--workers {spec.workers} x --cpus-per-worker {spec.cpus_per_worker:g} needs {need_cpu:g} CPUs; "
-            f"the Ray cluster has {have.get('CPU', 0):g} (replicas never share CPUs: lower --workers)"
+            f"{where} has {cpus:g} (replicas never share CPUs: lower --workers or --cpus-per-worker)"
         )
-    if need_gpu > have.get("GPU", 0) + 1e-9:
+    if gpus is not None and need_gpu > gpus + 1e-9:
         raise JobError(
             f"--workers {spec.workers} x --gpus-per-worker {spec.gpus_per_worker:g} needs {need_gpu:g} GPUs; "
-            f"the Ray cluster has {have.get('GPU', 0):g}"
+            f"{where} has {gpus:g}"
         )
 
 

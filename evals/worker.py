@@ -48,7 +48,7 @@ class Worker:
             "cpu": _cpu_model(),
             "logical_cpus": os.cpu_count(),
             "platform": platform.platform(),
-            "edited_attention_backend": requested_backend(),
+            "edited_attention_backend": _backend(requested_backend(), dev.type),
             "load_s": round(self.load_s, 3),
         }
 
@@ -78,6 +78,13 @@ class Worker:
             }
             for g in gens
         ]
+
+
+def _backend(requested: str, device: str) -> str:
+    """What serves edited attention calls: LUCID_KERNELS, with `auto` resolved for the device."""
+    if requested != "auto":
+        return requested
+    return "triton (auto on cuda)" if device == "cuda" else "reference (auto on cpu)"
 
 
 def _cpu_model() -> str:
