@@ -444,6 +444,22 @@ def _throughput(model: Model, spec: JobSpec, infos: list[dict], n: int, start: f
     }
 
 
+def ray_auth() -> None:
+    """Ray 2.60 turns token auth on by default for new clusters, but a client joining one only sends
+    the token with RAY_AUTH_MODE=token set before Ray reads its config. Ray's own rule for that (a token
+    in ~/.ray/auth_token and RAY_AUTH_MODE unset: token mode), applied for this process and its children."""
+    if "RAY_AUTH_MODE" in os.environ or not (Path.home() / ".ray" / "auth_token").is_file():
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # also refreshes Ray's cached config
+    except ImportError:  # another Ray version: the environment variable alone
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def _ray_init(spec: JobSpec, log) -> bool:
     """Connect to `spec.address` (or the cluster of a submitted job), or start a local instance.
     Returns whether this call connected (and so must shut down)."""
@@ -455,6 +471,7 @@ def _ray_init(spec: JobSpec, log) -> bool:
     address = spec.address or os.environ.get("RAY_ADDRESS")
     t = time.perf_counter()
     if address:
+        ray_auth()
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

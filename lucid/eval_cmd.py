@@ -8,7 +8,6 @@ model is loaded or Ray is started.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -63,9 +62,9 @@ def _submit(dashboard: str, argv: list[str], no_wait: bool) -> int:
     """Submit `lucid eval argv` as a Ray job; stream its logs; the job's outcome is the exit code."""
     import asyncio
 
-    token = Path.home() / ".ray" / "auth_token"
-    if "RAY_AUTH_MODE" not in os.environ and token.is_file():
-        os.environ["RAY_AUTH_MODE"] = "token"  # Ray's own rule for clients: a token on disk means token auth
+    from evals.job import ray_auth
+
+    ray_auth()  # a token in ~/.ray/auth_token and RAY_AUTH_MODE unset: send it (Ray's rule)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     try:
