@@ -420,17 +420,27 @@ def _run_local(spec: JobSpec, plan: Plan, model: Model, batches: list[Batch], on
         worker = Worker(model.source, spec.torch_threads(), spec.device)
         info = worker.info()
         start = time.perf_counter()
-        n = 0
+        n, acct = 0, {"busy_s": 0.0, "driver_s": 0.0}
         for b in batches:
-            on_result(b, worker.run(b.payload(plan.cells[b.cell], spec)))
+            replies = worker.run(b.payload(plan.cells[b.cell], spec))
+            _account(acct, replies, on_result, b)
             n += len(b.samples)
-        return _throughput(model, spec, [info], n, start, t)
+        return _throughput(model, spec, [info], n, start, t, acct)
     finally:
         torch.set_num_threads(threads)
 
 
-def _throughput(model: Model, spec: JobSpec, infos: list[dict], n: int, start: float, t0: float) -> dict:
+def _account(acct: dict, replies: list[dict], on_result, batch: Batch) -> None:
+    """Worker time (the batch's generate call) and driver time (judging, writing) of one batch."""
+    acct["busy_s"] += replies[0]["timings"]["batch_s"] if replies else 0.0
+    t = time.perf_counter()
+    on_result(batch, replies)
+    acct["driver_s"] += time.perf_counter() - t
+
+
+def _throughput(model: Model, spec: JobSpec, infos: list[dict], n: int, start: float, t0: float, acct: dict) -> dict:
     wall = time.perf_counter() - start
+    slots = max(1, spec.workers) * wall
     return {
         "model": model.name,
         "workers": spec.workers,
@@ -440,6 +450,9 @@ def _throughput(model: Model, spec: JobSpec, infos: list[dict], n: int, start: f
         "answer_wall_s": round(wall, 3),
         "samples_per_s": round(n / wall, 3) if wall > 0 else None,
         "startup_s": round(start - t0, 3),
+        "worker_busy_s": round(acct["busy_s"], 3),  # sum over batches of the generate call's wall time
+        "worker_utilisation": round(acct["busy_s"] / slots, 3) if slots > 0 else None,
+        "driver_s": round(acct["driver_s"], 3),  # judging answers and appending records
         "workers_info": infos,
     }
 
@@ -546,7 +559,7 @@ def _run_ray(spec: JobSpec, plan: Plan, model: Model, batches: list[Batch], on_r
 
         for i in range(len(actors)):
             feed(i)
-        n = 0
+        n, acct = 0, {"busy_s": 0.0, "driver_s": 0.0}
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             i, b = in_flight.pop(ready[0])
@@ -560,10 +573,10 @@ def _run_ray(spec: JobSpec, plan: Plan, model: Model, batches: list[Batch], on_r
                     f"worker {i} ({model.name}) died {TASK_RETRIES + 1} times; answers so far are kept in "
                     f"{spec.out} (re-run to resume): {str(e).splitlines()[0]}"
                 ) from None
-            on_result(b, replies)
+            feed(i)  # the worker's next batch first, then the bookkeeping
+            _account(acct, replies, on_result, b)
             n += len(b.samples)
-            feed(i)
-        return _throughput(model, spec, infos, n, start, t0)
+        return _throughput(model, spec, infos, n, start, t0, acct)
     finally:
         for a in actors:
             ray.kill(a)
