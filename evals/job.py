@@ -297,6 +297,7 @@ class Batch:
 
     def payload(self, cell: Cell, spec: JobSpec) -> dict:
         return {
+            "task": cell.suite.task,
             "questions": [s.question for s in self.samples],
             "images": [s.image for s in self.samples],
             "max_new_tokens": self.samples[0].max_new_tokens,

@@ -53,31 +53,47 @@ class Worker:
         }
 
     def run(self, payload: dict) -> list[dict]:
-        from mitigation.methods import parse_methods
-        from vlm import SamplingParams, build_inputs, generate
+        """One reply per sample of the batch, by the suite's task (`TASKS`; default "generate")."""
+        return TASKS[payload.get("task", "generate")](self, payload)
 
-        key = repr(payload["methods"])
+    def methods(self, specs: list[dict]) -> tuple:
+        key = repr(specs)
         if key not in self._methods:
-            self._methods[key] = parse_methods(payload["methods"])
-        sampling = SamplingParams(
-            max_new_tokens=int(payload["max_new_tokens"]),
-            temperature=float(payload.get("temperature", 0.0)),
-            seed=int(payload.get("seed", 0)),
-        )
-        t = time.perf_counter()
-        inputs = build_inputs(self.vlm, list(payload["images"]), list(payload["questions"]))
-        gens = generate(self.vlm, inputs, sampling, methods=self._methods[key])
-        batch_s = time.perf_counter() - t
-        return [
-            {
-                "answer": g.text,
-                "finish_reason": g.finish_reason,
-                "n_tokens": len(g.token_ids),
-                "timings": {**g.timings.to_dict(), "batch_s": round(batch_s, 6)},
-                "worker_pid": os.getpid(),
-            }
-            for g in gens
-        ]
+            from mitigation.methods import parse_methods
+
+            self._methods[key] = parse_methods(specs)
+        return self._methods[key]
+
+
+def generate_task(worker: Worker, payload: dict) -> list[dict]:
+    """Answer each question: `vlm.generate` with the batch's method set and decoding settings."""
+    from vlm import SamplingParams, build_inputs, generate
+
+    sampling = SamplingParams(
+        max_new_tokens=int(payload["max_new_tokens"]),
+        temperature=float(payload.get("temperature", 0.0)),
+        seed=int(payload.get("seed", 0)),
+    )
+    t = time.perf_counter()
+    inputs = build_inputs(worker.vlm, list(payload["images"]), list(payload["questions"]))
+    gens = generate(worker.vlm, inputs, sampling, methods=worker.methods(payload["methods"]))
+    batch_s = time.perf_counter() - t
+    return [
+        {
+            "answer": g.text,
+            "finish_reason": g.finish_reason,
+            "n_tokens": len(g.token_ids),
+            "timings": {**g.timings.to_dict(), "batch_s": round(batch_s, 6)},
+            "worker_pid": os.getpid(),
+        }
+        for g in gens
+    ]
+
+
+# task name -> function(worker, payload) -> replies ({"answer", "finish_reason", "n_tokens", "timings"} per
+# sample). A suite whose samples are not generated answers (e.g. a testbed-locate suite: boxes and points
+# from the localization heads) sets `Suite.task` and registers its function here.
+TASKS = {"generate": generate_task}
 
 
 def _backend(requested: str, device: str) -> str:

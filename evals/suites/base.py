@@ -73,6 +73,7 @@ class Suite:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     PARAMS: ClassVar[dict[str, Param]] = {}
+    task: ClassVar[str] = "generate"  # what a worker does with a batch (`evals.worker.TASKS`)
 
     def __init__(self, data: Data = Data(), **params: Any) -> None:
         unknown = sorted(set(params) - set(self.PARAMS))
