@@ -8,7 +8,8 @@ How a job runs:
 1. **Plan** (no torch, nothing started): every suite is built and its samples drawn (`--limit`: the
    first N of each split), images checked (the first missing one is an error naming it), checkpoints
    inspected, method sets parsed. A *cell* is (model, method set, suite); the baseline (no method) is
-   always a method set unless `baseline=False`.
+   always a method set unless `baseline=False`. A suite that methods do not apply to
+   (`Suite.uses_methods = False`: testbed-locate, testbed-segment) has the baseline cell only.
 2. **Resume**: each cell owns `DIR/samples/<model>/<method set>/<suite>.jsonl`, one line per answered
    sample. Lines already there are kept (a torn last line from a kill is cut off); a file written by
    another configuration of the cell (other weights, parameters, decoding, suite files) is an error.
@@ -201,6 +202,12 @@ def make_plan(spec: JobSpec) -> Plan:
     for s in dict.fromkeys(spec.suites):
         suite = build(s, spec.data)
         suites.append(suite)
+    fixed = [s.name for s in suites if not s.uses_methods]
+    if fixed and all(methods for _, methods in sets):
+        raise JobError(
+            f"suite {fixed[0]} measures the model without methods and runs in the baseline cell only; "
+            f"drop --no-baseline"
+        )
     sample_lists = []
     for suite in suites:
         samples = limit_per_split(suite.samples(), spec.limit)
@@ -219,6 +226,8 @@ def make_plan(spec: JobSpec) -> Plan:
     for model in models:
         for label, methods in sets:
             for suite, samples in zip(suites, sample_lists):
+                if methods and not suite.uses_methods:
+                    continue  # a method-free suite (testbed-locate / -segment): the baseline cell only
                 cell = Cell(model, label, methods, suite, samples)
                 cell.key = _cell_key(cell, spec)
                 if spec.out is not None:
@@ -304,6 +313,7 @@ class Batch:
             "methods": cell.methods,
             "temperature": spec.temperature,
             "seed": spec.seed,
+            **cell.suite.task_payload(self.samples),
         }
 
 
@@ -349,6 +359,25 @@ def _record(cell: Cell, sample: Sample, reply: dict, batch_len: int) -> dict:
     }
 
 
+def _progress(spec: JobSpec, done: int, total: int, state: str) -> None:
+    """OUT/progress.json: {"done", "total", "state", "updated"} (read by the REST API's GET /v1/evals/{id}),
+    replaced atomically; at most every 0.5 s while running."""
+    if spec.out is None:
+        return
+    now = time.time()
+    if state == "running" and 0 < done < total and now - _progress.last < 0.5:  # type: ignore[attr-defined]
+        return
+    _progress.last = now  # type: ignore[attr-defined]
+    path = Path(spec.out) / "progress.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"done": done, "total": total, "state": state, "updated": now}))
+    os.replace(tmp, path)
+
+
+_progress.last = 0.0  # type: ignore[attr-defined]
+
+
 def _log(msg: str) -> None:
     print(f"lucid eval: {msg}", file=sys.stderr, flush=True)
 
@@ -368,6 +397,8 @@ def run_job(spec: JobSpec, plan: Plan | None = None, log: Callable[[str], None] 
     if resumed:
         log(f"resuming: {resumed} of {total} samples already answered in {spec.out}")
     runs: list[dict] = []
+    done = {"n": resumed}
+    _progress(spec, done["n"], total, "running")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not spec.progress) as bar:
         tasks = [
@@ -385,6 +416,8 @@ def run_job(spec: JobSpec, plan: Plan | None = None, log: Callable[[str], None] 
             for r in new:
                 cell.done[r["id"]] = r
             bar.advance(tasks[batch.cell], len(new))
+            done["n"] += len(new)
+            _progress(spec, done["n"], total, "running")
 
         ray_started = False
         try:
@@ -407,7 +440,9 @@ def run_job(spec: JobSpec, plan: Plan | None = None, log: Callable[[str], None] 
                 ray.shutdown()
     from evals.report import write_results
 
-    return write_results(plan, runs)
+    results = write_results(plan, runs)
+    _progress(spec, done["n"], total, "finished")
+    return results
 
 
 def _run_local(spec: JobSpec, plan: Plan, model: Model, batches: list[Batch], on_result) -> dict:
@@ -458,11 +493,21 @@ def _throughput(model: Model, spec: JobSpec, infos: list[dict], n: int, start: f
     }
 
 
+def ray_token_available() -> bool:
+    """Whether Ray would find an auth token here: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or
+    ~/.ray/auth_token (where `ray get-auth-token --generate` and a token-auth head write it)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(path).is_file() if path else (Path.home() / ".ray" / "auth_token").is_file()
+
+
 def ray_auth() -> None:
-    """Ray 2.60 turns token auth on by default for new clusters, but a client joining one only sends
-    the token with RAY_AUTH_MODE=token set before Ray reads its config. Ray's own rule for that (a token
-    in ~/.ray/auth_token and RAY_AUTH_MODE unset: token mode), applied for this process and its children."""
-    if "RAY_AUTH_MODE" in os.environ or not (Path.home() / ".ray" / "auth_token").is_file():
+    """A cluster started with token auth (`RAY_AUTH_MODE=token ray start ...`) only accepts clients that
+    send its token, and a client only sends it with RAY_AUTH_MODE=token set before Ray reads its config.
+    Ray's own rule for that (a token available and RAY_AUTH_MODE unset: token mode), applied for this
+    process and its children. A cluster without token auth ignores the token."""
+    if "RAY_AUTH_MODE" in os.environ or not ray_token_available():
         return
     try:
         from ray._private.authentication.authentication_token_setup import (
@@ -471,7 +516,8 @@ def ray_auth() -> None:
 
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # also refreshes Ray's cached config
     except ImportError:  # another Ray version: the environment variable alone
-        os.environ["RAY_AUTH_MODE"] = "token"
+        pass
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # for child processes (e.g. the job's own ray.init)
 
 
 def _ray_init(spec: JobSpec, log) -> bool:

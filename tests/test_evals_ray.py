@@ -1,5 +1,6 @@
-"""Eval jobs on a Ray cluster the test starts on loopback (`ray start --head --block`, token auth on, as
-Ray 2.60 defaults): 1 vs 2 workers give the same answers; a worker killed mid-run, then the driver,
+"""Eval jobs on a Ray cluster the test starts on loopback (`ray start --head --block`, token auth on: the
+head gets RAY_AUTH_MODE=token and a token file of its own through RAY_AUTH_TOKEN_PATH, which every client
+must send): 1 vs 2 workers give the same answers; a worker killed mid-run, then the driver,
 then a re-run: no sample lost or duplicated and the metrics of an uninterrupted run; `lucid eval
 --submit` (JobSubmissionClient) and `ray job submit -- lucid eval ...`.
 
@@ -39,19 +40,27 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
+    """Clients' environment: the token file is known (RAY_AUTH_TOKEN_PATH, set by the `head` fixture);
+    `lucid eval` decides to send it by itself (Ray's rule, `evals.job.ray_auth`)."""
     return {
         **os.environ,
         "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "token",  # clients read ~/.ray/auth_token, which the head wrote or found
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
+    import secrets
+
     gcs, dash = _free_port(), _free_port()
     temp = Path(f"/tmp/lucid-ray-{os.getpid()}-{gcs}")  # short: Ray's socket paths have a length limit
-    env = {k: v for k, v in _env().items() if k != "RAY_AUTH_MODE"}  # the head: Ray's default (token auth)
+    token = tmp_path_factory.mktemp("auth") / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
+    os.environ.pop("RAY_AUTH_MODE", None)  # clients (this process too) follow Ray's rule: a token is there
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    env = {**_env(), "RAY_AUTH_MODE": "token"}  # the head: token auth on
     log = tmp_path_factory.mktemp("head") / "head.log"
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs)]
@@ -67,8 +76,9 @@ def head(tmp_path_factory):
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=1)
-            break
-        except urllib.error.HTTPError:  # 401: up, and token auth is on
+            raise RuntimeError("the head answered a request without its token: token auth is not on")
+        except urllib.error.HTTPError as e:  # 401: up, and token auth is on
+            assert e.code == 401, e
             break
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
@@ -88,6 +98,11 @@ def head(tmp_path_factory):
     import shutil
 
     shutil.rmtree(temp, ignore_errors=True)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _answers(out: Path) -> dict:
@@ -194,36 +209,45 @@ def test_kill_a_worker_then_the_driver_then_resume(head, uninterrupted, tmp_path
     assert res["results"] == json.loads(json.dumps(uninterrupted[1][1]["results"]))
 
 
-def test_submit_through_job_submission_client(head, tmp_path):
-    out = tmp_path / "submitted"
-    proc = subprocess.run(
-        [str(BIN / "lucid"), "eval", "--submit", head["dashboard"], "--suite", "testbed-pope:n=2", "--limit", "4"]
-        + ["--workers", "1", "--bootstrap", "50", "--out", str(out)],
+def test_submit_through_job_submission_client_and_ray_job_submit(head, tmp_path):
+    """`lucid eval --submit` (JobSubmissionClient, logs streamed back) and `ray job submit -- lucid eval`,
+    side by side on the 2-CPU head (one worker each)."""
+    common = ["--suite", "testbed-pope:n=2", "--bootstrap", "50", "--workers", "1"]
+    ours = subprocess.Popen(
+        [
+            str(BIN / "lucid"),
+            "eval",
+            "--submit",
+            head["dashboard"],
+            *common,
+            "--limit",
+            "4",
+            "--out",
+            str(tmp_path / "a"),
+        ],
         cwd=ROOT,
         env=_env(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    assert "submitted raysubmit_" in proc.stderr and "SUCCEEDED" in proc.stderr
-    assert "testbed-pope:n=2/random  testbed  baseline  n=4" in proc.stdout  # the job's logs, streamed
-    res = json.loads((out / "results.json").read_text())
+    rays = subprocess.Popen(  # Ray's own CLI needs RAY_AUTH_MODE=token exported (README)
+        [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--", "lucid", "eval", *common]
+        + ["--limit", "3", "--out", str(tmp_path / "b")],
+        cwd=ROOT,
+        env={**_env(), "RAY_AUTH_MODE": "token"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out_a, err_a = ours.communicate(timeout=300)
+    out_b, err_b = rays.communicate(timeout=300)
+    assert ours.returncode == 0, err_a[-3000:] + out_a[-3000:]
+    assert "submitted raysubmit_" in err_a and "SUCCEEDED" in err_a
+    assert "testbed-pope:n=2/random  testbed  baseline  n=4" in out_a  # the job's own output, streamed back
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
     assert res["n_samples"]["testbed-pope:n=2/random"] == 4
-
-
-def test_ray_job_submit_cli(head, tmp_path):
-    out = tmp_path / "cli"
-    proc = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--", "lucid", "eval"]
-        + ["--suite", "testbed-pope:n=2", "--limit", "3", "--bootstrap", "50", "--out", str(out)],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    assert "succeeded" in (proc.stdout + proc.stderr).lower()
-    res = json.loads((out / "results.json").read_text())
+    assert rays.returncode == 0, err_b[-3000:] + out_b[-3000:]
+    assert "succeeded" in (out_b + err_b).lower()
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
     assert res["config"]["workers"] == 1 and res["n_samples"]["testbed-pope:n=2/random"] == 3
