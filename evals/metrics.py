@@ -15,6 +15,10 @@ Kinds:
   (words); with `absent_partner` stats also the testbed's partner_absent_named.
 * `accuracy`: accuracy of exact answers.
 * `box`: box_accuracy (IoU >= 0.5) and mean_iou.
+* `locate` (testbed-locate): pointing (the located point on the object's mask), box_accuracy (IoU >= 0.5)
+  and mean_iou of the located box.
+* `mask` (testbed-segment): miou (mask IoU with the exact mask), iou_ge_0.5 (share of masks at IoU >=
+  0.5), box_accuracy of the mask's box, pointing of the prompted pixel.
 
 Intervals: percentile bootstrap over samples (`bootstrap`). Against the baseline: a *paired* bootstrap
 of the difference (both configurations resampled with the same sample indices, so the pairing of
@@ -80,7 +84,29 @@ def box(s: Arrays) -> dict[str, np.ndarray]:
     return {"box_accuracy": (iou >= 0.5).astype(float).mean(-1), "mean_iou": iou.mean(-1)}
 
 
-KINDS = {"binary": binary, "false_yes": false_yes, "chair": chair, "accuracy": accuracy, "box": box}
+def locate(s: Arrays) -> dict[str, np.ndarray]:
+    return {"pointing": np.asarray(s["on_object"], float).mean(-1), **box(s)}
+
+
+def mask(s: Arrays) -> dict[str, np.ndarray]:
+    iou, box_iou = np.asarray(s["mask_iou"], float), np.asarray(s["box_iou"], float)
+    return {
+        "miou": iou.mean(-1),
+        "iou_ge_0.5": (iou >= 0.5).astype(float).mean(-1),
+        "box_accuracy": (box_iou >= 0.5).astype(float).mean(-1),
+        "pointing": np.asarray(s["on_object"], float).mean(-1),
+    }
+
+
+KINDS = {
+    "binary": binary,
+    "false_yes": false_yes,
+    "chair": chair,
+    "accuracy": accuracy,
+    "box": box,
+    "locate": locate,
+    "mask": mask,
+}
 # which direction is better, per metric (for the report's arrows); unlisted: higher is better
 LOWER_IS_BETTER = {"false_yes_rate", "chair_s", "chair_i", "partner_absent_named"}
 # a metric per kind that the report charts and tests against the baseline first
@@ -90,6 +116,8 @@ PRIMARY = {
     "chair": ("chair_s", "chair_i", "recall"),
     "accuracy": ("accuracy",),
     "box": ("box_accuracy",),
+    "locate": ("pointing", "box_accuracy"),
+    "mask": ("miou", "iou_ge_0.5"),
 }
 
 

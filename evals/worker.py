@@ -29,6 +29,7 @@ class Worker:
         self.vlm = load_vlm(model, device=device)
         self.load_s = time.perf_counter() - t
         self._methods: dict[str, tuple] = {}
+        self._cache: dict = {}  # what a task loads once per replica (localization heads, a SAM)
 
     def info(self) -> dict:
         """Where this replica runs: host, pid, torch threads, device, CPU / GPU model, load time."""
@@ -64,6 +65,12 @@ class Worker:
             self._methods[key] = parse_methods(specs)
         return self._methods[key]
 
+    def cached(self, key, load):
+        """`load()` once per replica (per `key`), then the same object."""
+        if key not in self._cache:
+            self._cache[key] = load()
+        return self._cache[key]
+
 
 def generate_task(worker: Worker, payload: dict) -> list[dict]:
     """Answer each question: `vlm.generate` with the batch's method set and decoding settings."""
@@ -90,10 +97,102 @@ def generate_task(worker: Worker, payload: dict) -> list[dict]:
     ]
 
 
+def _no_methods(payload: dict) -> None:
+    if payload.get("methods"):
+        raise ValueError(f"the {payload['task']} task measures the model without methods; got {payload['methods']}")
+
+
+def _heads(worker: Worker):
+    """The checkpoint's localization heads (`grounding.load_or_discover`), once per replica."""
+    from grounding import load_or_discover
+
+    return worker.cached("heads", lambda: load_or_discover(worker.vlm))
+
+
+def locate_task(worker: Worker, payload: dict) -> list[dict]:
+    """`grounding.locate` each question (a phrase) in its image with the checkpoint's localization heads
+    and the batch's `LocateParams` (payload["locate"]); one prefill per batch. The answer is the
+    location: box and point in original pixels (unrounded), score, heads."""
+    from grounding import LocateParams, locate_batch
+
+    _no_methods(payload)
+    selection = _heads(worker)
+    images, queries = list(payload["images"]), list(payload["questions"])
+    t = time.perf_counter()
+    locs = locate_batch(worker.vlm, images, queries, selection, LocateParams(**payload["locate"]), len(queries))
+    batch_s = time.perf_counter() - t
+    return [
+        {
+            "answer": {
+                "box": [float(v) for v in loc.box],
+                "point": [float(v) for v in loc.point],
+                "score": float(loc.score),
+                "heads": [[int(a), int(b)] for a, b in loc.heads],
+            },
+            "finish_reason": "located",
+            "n_tokens": 0,
+            "timings": {"batch_s": round(batch_s, 6)},
+            "worker_pid": os.getpid(),
+        }
+        for loc in locs
+    ]
+
+
+def segment_task(worker: Worker, payload: dict) -> list[dict]:
+    """Text query -> locate -> SAM (`grounding.segment.segment_query`), per scene of the batch (the
+    consecutive samples with the same payload["scenes"] entry share one prefill and one image
+    embedding). The SAM (payload["sam"], a `load_segmenter` spec) is loaded once per replica. The
+    answer: the mask (COCO RLE), its box, SAM's score, the prompted pixel and the located box."""
+    from grounding import LocateParams
+    from grounding.sam import load_segmenter
+    from grounding.segment import attention_prompt, encode_rle, segment_query
+
+    _no_methods(payload)
+    selection = _heads(worker)
+    spec = payload["sam"]
+    segmenter = worker.cached(("sam", spec), lambda: load_segmenter(spec, device=worker.vlm.device))
+    params = LocateParams(**payload["locate"])
+    images, queries, scenes = payload["images"], payload["questions"], payload["scenes"]
+    t = time.perf_counter()
+    objects, acct = [], {"locate_s": 0.0, "sam_s": 0.0}
+    i = 0
+    while i < len(queries):
+        j = i + 1
+        while j < len(queries) and scenes[j] == scenes[i]:
+            j += 1
+        objs, timings = segment_query(
+            worker.vlm, segmenter, images[i], queries[i:j], selection, params, payload["prompt"]
+        )
+        objects += objs
+        for k in acct:
+            acct[k] += timings[k]
+        i = j
+    batch_s = time.perf_counter() - t
+    replies = []
+    for o in objects:
+        pixel = attention_prompt(o.location, "point").points[0]  # the pixel under the located point
+        replies.append(
+            {
+                "answer": {
+                    "mask": encode_rle(o.mask),
+                    "box": [float(v) for v in o.box],
+                    "score": float(o.score),
+                    "pixel": [float(v) for v in pixel],
+                    "located_box": [float(v) for v in o.location.box],
+                },
+                "finish_reason": "segmented",
+                "n_tokens": 0,
+                "timings": {**{k: round(v, 6) for k, v in acct.items()}, "batch_s": round(batch_s, 6)},
+                "worker_pid": os.getpid(),
+            }
+        )
+    return replies
+
+
 # task name -> function(worker, payload) -> replies ({"answer", "finish_reason", "n_tokens", "timings"} per
 # sample). A suite whose samples are not generated answers (e.g. a testbed-locate suite: boxes and points
 # from the localization heads) sets `Suite.task` and registers its function here.
-TASKS = {"generate": generate_task}
+TASKS = {"generate": generate_task, "locate": locate_task, "segment": segment_task}
 
 
 def _backend(requested: str, device: str) -> str:

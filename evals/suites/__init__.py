@@ -5,10 +5,12 @@
     testbed-pope    POPE random / popular / adversarial + the partner-absent split on testbed scenes
     testbed-chair   CHAIR on testbed captions (exact ground truth from the scenes)
     testbed-qa      colour, count, box-as-text and foreign-scene questions (the rest of `testbed eval`)
+    testbed-locate  `lucid locate` on testbed scenes: pointing, box accuracy, mean IoU (baseline only)
+    testbed-segment text query -> locate -> SAM on the same objects: mask mIoU, share at IoU >= 0.5
 
 A suite module is imported when its suite is first asked for. Adding a suite is one file with a
-`Suite` subclass and one line in `SUITES` (e.g. `testbed-locate` / `testbed-segment`: pointing, box
-accuracy, mask mIoU, once the localization / SAM paths they measure have settled).
+`Suite` subclass and one line in `SUITES`; a suite whose samples are not generated answers names its
+worker task (`Suite.task`, `evals.worker.TASKS`), as the two grounding suites do.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ SUITES: dict[str, str] = {
     "testbed-pope": "evals.suites.testbed:TestbedPope",
     "testbed-chair": "evals.suites.testbed:TestbedChair",
     "testbed-qa": "evals.suites.testbed:TestbedQA",
+    "testbed-locate": "evals.suites.grounding:TestbedLocate",
+    "testbed-segment": "evals.suites.grounding:TestbedSegment",
 }
 
 

@@ -74,6 +74,7 @@ class Suite:
     summary: ClassVar[str] = ""
     PARAMS: ClassVar[dict[str, Param]] = {}
     task: ClassVar[str] = "generate"  # what a worker does with a batch (`evals.worker.TASKS`)
+    uses_methods: ClassVar[bool] = True  # False: method sets do not apply; the suite runs in the baseline cell only
 
     def __init__(self, data: Data = Data(), **params: Any) -> None:
         unknown = sorted(set(params) - set(self.PARAMS))
@@ -108,6 +109,10 @@ class Suite:
     def files(self) -> list[Path]:
         """Data files the results depend on (hashed into the reproducibility record)."""
         return []
+
+    def task_payload(self, samples: list[Sample]) -> dict:
+        """Extra JSON-able fields of a batch's payload for the suite's worker task (its settings)."""
+        return {}
 
     # -- shared ------------------------------------------------------------------------------------
     @property
