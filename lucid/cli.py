@@ -580,10 +580,11 @@ def testbed_calibrate_risk(
 
 
 def _register_modules() -> None:
-    from lucid import eval_cmd, segment_cmd
+    from lucid import eval_cmd, segment_cmd, serve_cmd
 
     segment_cmd.register(app, testbed_app)
     eval_cmd.register(app, testbed_app)  # lucid eval, lucid testbed eval (its alias)
+    serve_cmd.register(app)  # lucid serve
 
 
 _register_modules()

@@ -14,7 +14,15 @@ import sys
 import types
 from typing import TYPE_CHECKING
 
-from vlm.errors import CheckpointError, ContextLengthError, ImageError, InputError, OutputError, QuestionError
+from vlm.errors import (
+    CheckpointError,
+    ContextLengthError,
+    ImageError,
+    ImageTooLargeError,
+    InputError,
+    OutputError,
+    QuestionError,
+)
 from vlm.images import ImageLimits, display_copy, load_image
 
 # name -> module that defines it (imported on first access)
@@ -77,6 +85,7 @@ __all__ = [
     "Generation",
     "ImageError",
     "ImageGeometry",
+    "ImageTooLargeError",
     "ImageLayout",
     "ImageLimits",
     "ImageView",

@@ -25,6 +25,10 @@ class ImageError(InputError):
     """An image that cannot be read, decoded, or is outside the configured limits."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image over a size limit (bytes or pixels, decompression bombs included): HTTP 413 at the REST API."""
+
+
 class CheckpointError(InputError):
     """A source that is not a loadable llava-hf checkpoint; the message names the file and the problem."""
 

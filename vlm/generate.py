@@ -13,7 +13,7 @@ prefill); nothing here knows a particular method.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,6 +71,7 @@ def generate(
     recorder: AttentionRecorder | None = None,
     risk: RiskModel | None = None,
     methods: Sequence[Method] = (),
+    on_token: Callable[[int, list[int]], None] | None = None,
 ) -> list[Generation]:
     """Generate answers for a batch.
 
@@ -79,6 +80,8 @@ def generate(
         methods: registered methods (`mitigation.methods.parse_methods`), composed in order after
             `plan` (`mitigation.request`); their preparatory work is timed as `timings.prepare_s`.
         recorder: receives image-attention rows / hidden states for the prefill and each step.
+        on_token: called after each step with (step, the token chosen for each row) as the tokens are
+            chosen (streaming); rows already finished get the pad token.
         risk: a fitted risk model (`mitigation.risk`): each Generation then carries `risk` and
             `token_risk`. It reads `recorder` if given (which must record the model's layers with
             prefill_rows "last" or "all"), else an internal head-mean recorder of those layers.
@@ -137,6 +140,8 @@ def generate(
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out_tokens.append(nxt)
             out_logprobs.append(torch.log_softmax(logits.float(), -1).gather(1, nxt[:, None])[:, 0])
+            if on_token is not None:
+                on_token(step, nxt.tolist())
             if not sampling.ignore_eos:
                 done = done | torch.isin(nxt, eos_ids)
             if step == sampling.max_new_tokens - 1 or bool(done.all()):

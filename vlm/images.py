@@ -26,7 +26,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from vlm.errors import ImageError, LimitsError
+from vlm.errors import ImageError, ImageTooLargeError, LimitsError
 from vlm.layout import ImageGeometry
 
 ImageLike = Image.Image | str | os.PathLike | bytes | np.ndarray
@@ -138,7 +138,7 @@ def load_image(image: ImageLike, limits: ImageLimits | None = None) -> Image.Ima
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         if len(data) > limits.max_bytes:
-            raise ImageError(_too_many_bytes("the image bytes", len(data), limits))
+            raise ImageTooLargeError(_too_many_bytes("the image bytes", len(data), limits))
         return _decode(io.BytesIO(data), "the image bytes", limits)
     if not isinstance(image, (str, os.PathLike)):
         raise TypeError(f"an image is a path, bytes, a PIL image or a numpy array, got {type(image).__name__}")
@@ -156,7 +156,7 @@ def load_image(image: ImageLike, limits: ImageLimits | None = None) -> Image.Ima
     if st.st_size == 0:
         raise ImageError(f"cannot decode {path} as an image: the file is empty")
     if st.st_size > limits.max_bytes:
-        raise ImageError(_too_many_bytes(str(path), st.st_size, limits))
+        raise ImageTooLargeError(_too_many_bytes(str(path), st.st_size, limits))
     try:
         fh = open(path, "rb")  # noqa: SIM115 (closed below; Image.open reads it lazily)
     except OSError as e:
@@ -245,7 +245,7 @@ def _decode(fp: BinaryIO, name: str, limits: ImageLimits) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(fp, formats=_available_formats())
     except Image.DecompressionBombError as e:
-        raise ImageError(_bomb(name, e, limits)) from None
+        raise ImageTooLargeError(_bomb(name, e, limits)) from None
     except UnidentifiedImageError:
         raise ImageError(f"cannot decode {name} as an image: not a {', '.join(FORMATS)} file") from None
     except _DECODE_ERRORS as e:
@@ -271,7 +271,7 @@ def _decode(fp: BinaryIO, name: str, limits: ImageLimits) -> Image.Image:
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError(_bomb(name, e, limits)) from None
+        raise ImageTooLargeError(_bomb(name, e, limits)) from None
     except _DECODE_ERRORS as e:
         raise ImageError(f"cannot decode {name} as an image ({type(e).__name__}: {_reason(e)})") from None
 
@@ -301,7 +301,7 @@ def _check_pixels(size: tuple[int, int], name: str, limits: ImageLimits) -> None
     if w < 1 or h < 1:
         raise ImageError(f"cannot decode {name} as an image: it is {w}x{h} pixels")
     if w * h > limits.max_pixels:
-        raise ImageError(
+        raise ImageTooLargeError(
             f"{name} is {w}x{h} = {w * h:,} pixels, over the limit of {limits.max_pixels:,} "
             f"(downscale it, or raise the limit with {ENV_MAX_PIXELS})"
         )

@@ -1,0 +1,581 @@
+"""The REST API (FastAPI): validation, images, OpenAI shapes, errors, metrics. No torch, no model.
+
+`make_app(cfg, backend)` builds the app around a backend: the Ray Serve deployments' handles
+(`serve.app`) or the in-process `serve.runners.LocalBackend`. Everything a request can get wrong is
+answered here with a 4xx naming the field before any model work; a failure inside is a 500 carrying the
+request id (also in the log and the `x-request-id` header); the app keeps serving either way.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import re
+import secrets
+import time
+import traceback
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+
+from serve.config import AppConfig
+from serve.engine import ChatJob
+from serve.metrics import Metrics
+from serve.schemas import ChatRequest, EvalRequest, SegmentRequest, interventions_schema
+from vlm.errors import ImageError, ImageTooLargeError, InputError
+
+log = logging.getLogger("lucid.serve")
+STATIC = Path(__file__).parent / "static"
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and OpenAI-style type."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+def _body(status: int, message: str, type_: str, request_id: str, param: str | None = None, **more) -> JSONResponse:
+    err = {"message": message, "type": type_, "param": param, "code": status, "request_id": request_id}
+    return JSONResponse({"error": err, **more}, status_code=status, headers={"x-request-id": request_id})
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def _limits(cfg: AppConfig):
+    from vlm.images import ImageLimits
+
+    return ImageLimits(max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels)
+
+
+def resolve_image(url: str, cfg: AppConfig, param: str) -> np.ndarray:
+    """A data: URL, a path under `cfg.image_root` (or file:// URL), or an allowed http(s) URL -> RGB [H, W, 3].
+
+    Raises ApiError: 400 (undecodable, not allowed, not found), 413 (over a size limit).
+    """
+    from vlm.images import load_image
+
+    limits = _limits(cfg)
+    try:
+        if url.startswith("data:"):
+            head, sep, data = url.partition(",")
+            if not sep or ";base64" not in head:
+                raise ApiError(400, "a data: URL must be base64 (data:image/png;base64,...)", param=param)
+            if len(data) * 3 // 4 > limits.max_bytes + 3:
+                raise ApiError(
+                    413,
+                    f"the image is about {len(data) * 3 // 4:,} bytes, over the limit of {limits.max_bytes:,}",
+                    param=param,
+                )
+            try:
+                raw = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(400, "the data: URL is not valid base64", param=param) from None
+            pil = load_image(raw, limits)
+        elif url.startswith(("http://", "https://")):
+            if not any(url.startswith(p) for p in cfg.allow_remote):
+                raise ApiError(
+                    400,
+                    "remote image URLs are refused (send a data: URL, or configure allow_remote with this URL's prefix)",
+                    param=param,
+                )
+            pil = load_image(_fetch(url, cfg), limits)
+        else:
+            pil = load_image(_local_path(url, cfg, param), limits)
+    except ImageTooLargeError as e:
+        raise ApiError(413, str(e), param=param) from None
+    except ImageError as e:
+        raise ApiError(400, str(e), param=param) from None
+    return np.asarray(pil, dtype=np.uint8)
+
+
+def _local_path(url: str, cfg: AppConfig, param: str) -> Path:
+    if url.startswith("file://"):
+        url = urllib.parse.unquote(urllib.parse.urlparse(url).path)
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
+        raise ApiError(400, f"unsupported image URL scheme in {url[:40]!r} (data:, a path, or https://)", param=param)
+    if cfg.image_root is None:
+        raise ApiError(400, "local image paths are not enabled on this server (send a data: URL)", param=param)
+    root = Path(cfg.image_root).resolve()
+    path = (root / url).resolve() if not os.path.isabs(url) else Path(url).resolve()
+    if root != path and root not in path.parents:
+        raise ApiError(400, f"image path {url!r} is outside the server's image root", param=param)
+    return path
+
+
+def _fetch(url: str, cfg: AppConfig) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=cfg.remote_timeout_s) as r:  # noqa: S310 (allow-listed prefix)
+            data = r.read(cfg.max_image_bytes + 1)
+    except OSError as e:
+        raise ApiError(400, f"cannot fetch {url}: {e}") from None
+    if len(data) > cfg.max_image_bytes:
+        raise ApiError(413, f"the image at {url} is over the limit of {cfg.max_image_bytes:,} bytes")
+    return data
+
+
+# --------------------------------------------------------------------------------------------- chat
+
+
+def _methods(items: list, param: str = "interventions") -> list[dict]:
+    """Registry-validated {"name", "params"} specs (resolved: every parameter with its value)."""
+    from mitigation.methods import parse_methods
+
+    try:
+        return [m.to_json() for m in parse_methods([{"name": i.name, "params": i.params} for i in items])]
+    except InputError as e:
+        raise ApiError(400, str(e), param=param) from None
+
+
+def chat_jobs(req: ChatRequest, cfg: AppConfig, model_id: str) -> tuple[list[ChatJob], dict]:
+    """Check a chat request and turn it into one job per choice (plus what the response echoes)."""
+    if req.model not in (None, "", model_id, "lucid"):
+        raise ApiError(
+            404,
+            f"model {req.model!r} is not served here; GET /v1/models lists {model_id!r}",
+            "model",
+            type_="not_found",
+        )
+    system_parts, question_parts, images = [], [], []
+    users = [m for m in req.messages if m.role == "user"]
+    if len(users) > 1 or any(m.role in ("assistant", "tool") for m in req.messages):
+        raise ApiError(
+            400, "one user turn per request: multi-turn conversations are not supported yet", param="messages"
+        )
+    for i, m in enumerate(req.messages):
+        parts = [m.content] if isinstance(m.content, str) else (m.content or [])
+        for j, p in enumerate(parts):
+            text = p if isinstance(p, str) else getattr(p, "text", None)
+            if m.role in ("system", "developer"):
+                if text is None:
+                    raise ApiError(400, "system messages take text only", param=f"messages.{i}.content.{j}")
+                system_parts.append(text)
+            elif text is not None:
+                question_parts.append(text)
+            else:
+                images.append((p.url, f"messages.{i}.content.{j}.image_url"))
+    if len(images) != 1:
+        raise ApiError(
+            400, f"exactly one image_url part is needed (LLaVA answers about one image), got {len(images)}", "messages"
+        )
+    question = "\n".join(t for t in question_parts if t.strip())
+    if not question.strip():
+        raise ApiError(400, "the user message has no text (the question)", param="messages")
+    from vlm.contract import check_question
+
+    try:
+        check_question(question)
+    except InputError as e:
+        raise ApiError(400, str(e), param="messages") from None
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    if max_tokens is not None and max_tokens > cfg.max_tokens:
+        raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {cfg.max_tokens}", "max_tokens")
+    if req.n > cfg.max_n:
+        raise ApiError(400, f"n {req.n} is over this server's limit of {cfg.max_n}", param="n")
+    if req.stream and req.n > 1:
+        raise ApiError(400, "stream with n > 1 is not supported", param="n")
+    methods = _methods(req.interventions)
+    g = req.grounding
+    if g.heads not in ("auto", "all"):
+        from grounding.heads import parse_heads
+
+        try:
+            parse_heads(g.heads)
+        except ValueError as e:
+            raise ApiError(400, f"grounding.heads: {e}", param="grounding.heads") from None
+    for q in g.queries or []:
+        try:
+            check_question(q)
+        except InputError as e:
+            raise ApiError(400, f"grounding.queries: {e}", param="grounding.queries") from None
+    image = resolve_image(images[0][0], cfg, images[0][1])
+    seed = req.seed if req.seed is not None else secrets.randbits(62)
+    greedy = req.temperature == 0
+    base = ChatJob(
+        image=image,
+        question=question,
+        system=" ".join(system_parts) or None,
+        max_new_tokens=max_tokens or cfg.default_max_tokens,
+        fit_context=max_tokens is None,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=seed,
+        methods=tuple(methods),
+        heatmap=g.heatmap,
+        heads=g.heads,
+        locate=g.locate or g.masks,
+        queries=None if g.queries is None else tuple(g.queries),
+    )
+    from dataclasses import replace
+
+    jobs = [base] if greedy else [replace(base, seed=(seed + i) % 2**63) for i in range(req.n)]
+    echo = {"seed": seed, "n": req.n, "greedy": greedy, "methods": methods}
+    return jobs, echo
+
+
+def _choice_extras(res: dict) -> dict:
+    out = {k: res[k] for k in ("risk", "timings") if k in res}
+    for k in ("heatmap", "located"):
+        if k in res:
+            out[k] = res[k]
+    return out
+
+
+# --------------------------------------------------------------------------------------------- app
+
+
+def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
+    """The FastAPI app over `backend` (async chat / chat_stream / locate / segment / segment_located /
+    info) and, for /v1/evals, `evals` (a `serve.evals.EvalJobs`, or None: 503)."""
+    app = FastAPI(
+        title="Lucid",
+        version=_version(),
+        description="LLaVA-class VLMs that answer from the image: OpenAI-compatible chat with attention "
+        "interventions, grounding and hallucination risk; segmentation; evaluation jobs.",
+    )
+    metrics = Metrics()
+    state: dict[str, Any] = {"model_id": cfg.model_name or None}
+
+    async def model_id() -> str:
+        if state["model_id"] is None:
+            state["model_id"] = (await backend.info())["id"]
+        return state["model_id"]
+
+    @app.middleware("http")
+    async def envelope(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", rid):
+            rid = uuid.uuid4().hex
+        request.state.rid = rid
+        request.state.method = "-"
+        route = request.url.path if request.url.path in _ROUTES else _route_of(request.url.path)
+        t = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cfg.max_body_bytes:
+            resp = _body(
+                413, f"the request body is {int(length):,} bytes, over {cfg.max_body_bytes:,}", "too_large", rid
+            )
+        else:
+            try:
+                resp = await call_next(request)
+            except Exception:  # what the route did not answer itself
+                log.error("request %s failed:\n%s", rid, traceback.format_exc())
+                resp = _body(500, f"internal error (request id {rid})", "internal_error", rid)
+        resp.headers["x-request-id"] = rid
+        metrics.observe(request.method, route, request.state.method, resp.status_code, time.perf_counter() - t)
+        return resp
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        path = ".".join(str(p) for p in first["loc"] if p != "body")
+        msg = f"{path}: {first['msg']}" if path else first["msg"]
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errs]
+        return _body(
+            422, msg, "invalid_request_error", request.state.rid, path or None, detail=jsonable_encoder(detail)
+        )
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return _body(exc.status, exc.message, exc.type, request.state.rid, exc.param)
+
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, exc: InputError):
+        return _body(400, str(exc), "invalid_request_error", request.state.rid)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        rid = request.state.rid
+        log.error("request %s failed:\n%s", rid, "".join(traceback.format_exception(exc)))
+        return _body(500, f"internal error (request id {rid})", "internal_error", rid)
+
+    # ------------------------------------------------------------------ routes
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        try:
+            info = await backend.info()
+        except Exception as e:  # not ready: the model replica is not up (yet)
+            return JSONResponse({"ready": False, "reason": f"{type(e).__name__}: {e}"[:300]}, status_code=503)
+        return {"ready": True, "model": info}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        info = await backend.info()
+        return {
+            "object": "list",
+            "data": [{"id": info["id"], "object": "model", "created": 0, "owned_by": "lucid", "lucid": info}],
+        }
+
+    @app.get("/v1/interventions")
+    async def interventions():
+        from mitigation.methods.registry import describe, schema
+
+        return {
+            "object": "list",
+            "data": [{**d, "schema": schema(d["name"])} for d in describe()],
+            "request_schema": interventions_schema(),
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        mid = await model_id()
+        request.state.method = "+".join(i.name for i in req.interventions) or "none"
+        jobs, echo = chat_jobs(req, cfg, mid)
+        rid = request.state.rid
+        created = int(time.time())
+        cid = f"chatcmpl-{rid}"
+        if req.stream:
+            return StreamingResponse(
+                _sse(backend, jobs[0], req, cid, created, mid, echo, rid),
+                media_type="text/event-stream",
+                headers={"x-request-id": rid, "cache-control": "no-cache"},
+            )
+        t = time.perf_counter()
+        results = await backend.chat(jobs)
+        for res in results:
+            if "error" in res:
+                raise ApiError(400, res["error"]["message"], param="messages")
+        if len(results) == 1 and req.n > 1:  # greedy: every choice is the same answer
+            results = results * req.n
+        if req.grounding.masks:
+            await _add_masks(backend, jobs[0].image, results)
+        choices, extras = [], []
+        for i, res in enumerate(results):
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": res["text"]},
+                    "finish_reason": res["finish_reason"],
+                    "logprobs": None,
+                }
+            )
+            extras.append(_choice_extras(res))
+        prompt = results[0]["prompt_tokens"]
+        completion = sum(r["completion_tokens"] for r in results)
+        lucid = {
+            "request_id": rid,
+            "plan": echo["methods"],
+            "sampling": {
+                "seed": echo["seed"],
+                "temperature": req.temperature,
+                "top_p": req.top_p,
+                "max_tokens": results[0]["max_new_tokens"],
+            },
+            **extras[0],
+            "choices": extras if req.n > 1 else None,
+            "wall_s": round(time.perf_counter() - t, 6),
+        }
+        return {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": mid,
+            "system_fingerprint": f"lucid-{_version()}",
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+            "lucid": lucid,
+        }
+
+    @app.post("/v1/segment")
+    async def segment(req: SegmentRequest, request: Request):
+        request.state.method = "query" if req.query else "prompts"
+        if req.query is None and not req.points and not req.boxes:
+            raise ApiError(400, "nothing to segment: give a query, or points and/or boxes", param="query")
+        if req.query is not None and (req.points or req.boxes):
+            raise ApiError(400, "give either a query or points/boxes, not both", param="query")
+        if len(req.boxes) > 1 and req.points:
+            raise ApiError(400, "give points with at most one box (each box is its own object)", param="points")
+        image = resolve_image(req.image, cfg, "image")
+        h, w = image.shape[:2]
+        if req.query is None:
+            from grounding.sam import PromptError, SamPrompt
+
+            try:
+                for b in req.boxes or [None]:
+                    pts = tuple((x, y) for x, y, _ in req.points)
+                    SamPrompt(pts, tuple(lab for *_, lab in req.points), b).check(w, h)
+            except PromptError as e:
+                raise ApiError(400, str(e), param="points" if req.points else "boxes") from None
+            t = time.perf_counter()
+            out = await backend.segment(image, [list(p) for p in req.points], [list(b) for b in req.boxes])
+        else:
+            from vlm.contract import check_question
+
+            try:
+                check_question(req.query)
+            except InputError as e:
+                raise ApiError(400, str(e), param="query") from None
+            t = time.perf_counter()
+            located = await backend.locate(image, [req.query])
+            out = await backend.segment_located(image, located, req.prompt)
+            out["timings"]["locate_s"] = located[0]["locate_s"] if located else 0.0
+            out["heads"] = located[0]["heads"] if located else []
+        out["image_size"] = [w, h]
+        out["timings"]["wall_s"] = round(time.perf_counter() - t, 6)
+        return out
+
+    # ------------------------------------------------------------------ eval jobs
+
+    def _evals():
+        if evals is None:
+            raise ApiError(
+                503, "eval jobs are not enabled on this server (evals: false, or no Ray dashboard)", type_="unavailable"
+            )
+        return evals
+
+    @app.post("/v1/evals", status_code=201)
+    async def submit_eval(req: EvalRequest, request: Request):
+        jobs = _evals()
+        request.state.method = "+".join(req.suites)
+        info = await backend.info()
+        try:
+            return await jobs.submit(req, info["path"])
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
+
+    @app.get("/v1/evals")
+    async def list_evals():
+        return {"object": "list", "data": await _evals().list()}
+
+    @app.get("/v1/evals/{job_id}")
+    async def get_eval(job_id: str):
+        found = await _evals().status(job_id)
+        if found is None:
+            raise ApiError(404, f"no eval job {job_id!r}", "job_id", type_="not_found")
+        return found
+
+    @app.delete("/v1/evals/{job_id}")
+    async def stop_eval(job_id: str):
+        found = await _evals().stop(job_id)
+        if found is None:
+            raise ApiError(404, f"no eval job {job_id!r}", "job_id", type_="not_found")
+        return found
+
+    return app
+
+
+_ROUTES = {
+    "/",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/v1/models",
+    "/v1/interventions",
+    "/v1/chat/completions",
+    "/v1/segment",
+    "/v1/evals",
+    "/openapi.json",
+    "/docs",
+}
+
+
+def _route_of(path: str) -> str:
+    return "/v1/evals/{id}" if path.startswith("/v1/evals/") else "other"
+
+
+async def _add_masks(backend, image: np.ndarray, results: list[dict]) -> None:
+    """SAM masks for the located objects of every choice (one SAM call per choice)."""
+    done: dict[int, dict] = {}
+    for res in results:
+        located = res.get("located") or []
+        if not located:
+            continue
+        key = id(res)
+        if key not in done:
+            done[key] = await backend.segment_located(image, located, "point")
+            for loc, obj in zip(located, done[key]["objects"]):
+                loc["mask"] = obj["mask"]
+                loc["mask_score"] = obj["score"]
+                loc["mask_box"] = obj["box"]
+            res["timings"]["sam_s"] = done[key]["timings"].get("sam_s")
+
+
+async def _sse(backend, job: ChatJob, req: ChatRequest, cid: str, created: int, mid: str, echo: dict, rid: str):
+    """OpenAI's chat.completion.chunk events; the last chunk carries the finish reason and `lucid`."""
+
+    def chunk(delta: dict, finish: str | None = None, **more) -> str:
+        body = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": mid,
+            "system_fingerprint": f"lucid-{_version()}",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            **more,
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    result = None
+    try:
+        async for item in backend.chat_stream(job):
+            if "delta" in item:
+                yield chunk({"content": item["delta"]})
+            elif "result" in item:
+                result = item["result"]
+            else:
+                if item.get("internal"):
+                    log.error("request %s failed while streaming: %s", rid, item["error"]["message"])
+                err = item["error"]
+                status = 500 if item.get("internal") else 400
+                msg = f"internal error (request id {rid})" if status == 500 else err["message"]
+                yield f"data: {json.dumps({'error': {'message': msg, 'type': err['type'], 'code': status, 'request_id': rid}})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+        if req.grounding.masks and result is not None:
+            await _add_masks(backend, job.image, [result])
+    except Exception:
+        log.error("request %s failed while streaming:\n%s", rid, traceback.format_exc())
+        yield f"data: {json.dumps({'error': {'message': f'internal error (request id {rid})', 'type': 'internal_error', 'code': 500, 'request_id': rid}})}\n\n"
+        yield "data: [DONE]\n\n"
+        return
+    lucid = {"request_id": rid, "plan": echo["methods"], "sampling": {"seed": echo["seed"]}, **_choice_extras(result)}
+    yield chunk({}, result["finish_reason"], lucid=lucid)
+    if (req.stream_options or {}).get("include_usage"):
+        p, c = result["prompt_tokens"], result["completion_tokens"]
+        body = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": mid,
+            "choices": [],
+            "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+        }
+        yield f"data: {json.dumps(body)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("lucid-vlm")
+    except Exception:
+        return "0"

@@ -1,0 +1,147 @@
+"""The Ray Serve application: a FastAPI ingress, a VLM deployment and a SAM deployment.
+
+    build_app(args) -> Application        # `serve run serve.app:build_app model=...`, `serve deploy FILE`
+
+* `VLMServer` holds the checkpoint (loaded once per replica; `vlm_cpus` CPUs reserved and used as torch
+  threads, `vlm_gpus` GPUs). Single chat choices go through `@serve.batch`: concurrent requests are
+  answered together, grouped by plan so each gets its solo answer (`serve.engine`).
+* `SamServer` holds SAM (embeddings cached per image hash, `grounding.sam`).
+* `Api` is the FastAPI ingress (`serve.api.make_app`), light (no torch): it validates, decodes images and
+  calls the two deployments through handles.
+Resources are declared per replica from `AppConfig`, so replicas never oversubscribe the CPUs (Serve
+would otherwise wait for resources forever; `lucid serve` checks the sum against the cluster first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from serve.config import AppConfig, app_config
+from serve.engine import ChatJob
+
+_FAST_SHUTDOWN = {"graceful_shutdown_timeout_s": 2.0, "graceful_shutdown_wait_loop_s": 0.5}
+
+
+@serve.deployment(**_FAST_SHUTDOWN)
+class VLMServer:
+    def __init__(self, cfg: dict) -> None:
+        from serve.runners import VlmRunner
+
+        self.cfg = AppConfig(**cfg)
+        self.runner = VlmRunner(self.cfg)
+        self._batched.set_max_batch_size(self.cfg.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+    def info(self) -> dict:
+        import os
+
+        return {**self.runner.info(), "replica_pid": os.getpid()}
+
+    async def chat(self, jobs: list[ChatJob]) -> list[dict]:
+        if not self.cfg.batching or len(jobs) != 1:
+            return await self.runner.chat(jobs)
+        return [await self._batched(jobs[0])]
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batched(self, jobs: list[ChatJob]) -> list[dict]:
+        import os
+
+        results = await self.runner.chat(jobs)
+        for r in results:
+            r.setdefault("timings", {})["replica_pid"] = os.getpid()
+        return results
+
+    async def chat_stream(self, job: ChatJob) -> AsyncIterator[dict]:
+        async for item in self.runner.chat_stream(job):
+            yield item
+
+    async def locate(self, image, queries: list[str]) -> list[dict]:
+        return await self.runner.locate(image, queries)
+
+
+@serve.deployment(**_FAST_SHUTDOWN)
+class SamServer:
+    def __init__(self, cfg: dict) -> None:
+        from serve.runners import SamRunner
+
+        self.runner = SamRunner(AppConfig(**cfg))
+
+    def info(self) -> dict:
+        return self.runner.info()
+
+    async def segment(self, image, points: list, boxes: list) -> dict:
+        return await self.runner.segment(image, points, boxes)
+
+    async def segment_located(self, image, located: list[dict], how: str = "point") -> dict:
+        return await self.runner.segment_located(image, located, how)
+
+
+class ServeBackend:
+    """The API's backend over deployment handles."""
+
+    def __init__(self, vlm, sam) -> None:
+        self.vlm, self.sam = vlm, sam
+
+    async def info(self) -> dict:
+        return await self.vlm.info.remote()
+
+    async def chat(self, jobs: list[ChatJob]) -> list[dict]:
+        return await self.vlm.chat.remote(jobs)
+
+    async def chat_stream(self, job: ChatJob) -> AsyncIterator[dict]:
+        async for item in self.vlm.options(stream=True).chat_stream.remote(job):
+            yield item
+
+    async def locate(self, image, queries: list[str]) -> list[dict]:
+        return await self.vlm.locate.remote(image, queries)
+
+    async def segment(self, image, points: list, boxes: list) -> dict:
+        return await self.sam.segment.remote(image, points, boxes)
+
+    async def segment_located(self, image, located: list[dict], how: str = "point") -> dict:
+        return await self.sam.segment_located.remote(image, located, how)
+
+
+@serve.deployment(**_FAST_SHUTDOWN)
+@serve.ingress()
+class Api:
+    def __init__(self, vlm, sam, cfg: dict) -> None:
+        self.cfg = AppConfig(**cfg)
+        self.backend = ServeBackend(vlm, sam)
+
+    def __serve_build_asgi_app__(self):
+        import logging
+
+        from serve.api import make_app
+
+        logging.getLogger("lucid.serve").setLevel(logging.INFO)
+        evals = None
+        if self.cfg.evals and self.cfg.dashboard_address:
+            from serve.evals import EvalJobs
+
+            evals = EvalJobs(self.cfg.dashboard_address, self.cfg.eval_root)
+        return make_app(self.cfg, self.backend, evals)
+
+
+def cpus_needed(cfg: AppConfig) -> float:
+    return cfg.vlm_replicas * cfg.vlm_cpus + cfg.sam_replicas * cfg.sam_cpus + cfg.ingress_cpus
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """The application for `args` (AppConfig fields). Also the import path of a Serve config file."""
+    cfg = app_config(args) if not isinstance(args, AppConfig) else args
+    plain = cfg.model_dump()
+    vlm = VLMServer.options(
+        num_replicas=cfg.vlm_replicas,
+        ray_actor_options={"num_cpus": cfg.vlm_cpus, "num_gpus": cfg.vlm_gpus},
+        max_ongoing_requests=max(cfg.max_ongoing_requests, cfg.max_batch_size),
+    ).bind(plain)
+    sam = SamServer.options(
+        num_replicas=cfg.sam_replicas,
+        ray_actor_options={"num_cpus": cfg.sam_cpus, "num_gpus": cfg.sam_gpus},
+        max_ongoing_requests=max(8, cfg.max_ongoing_requests),
+    ).bind(plain)
+    return Api.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}, max_ongoing_requests=256).bind(vlm, sam, plain)

@@ -1,0 +1,274 @@
+"""What a VLM replica does with chat jobs, in plain Python (no Ray, no HTTP): the service's model side.
+
+A `ChatJob` is one choice of one request, already checked by the ingress (image decoded into an RGB
+array, question and sampling validated, interventions parsed by the registry). `Engine.run` answers a
+list of jobs with the fewest generate calls that give each job exactly its solo answer: jobs are grouped
+by everything that changes the computation for the whole batch (methods and their parameters,
+sampling settings, whether attention is recorded for a heatmap), each group is one left-padded batch,
+and `generate` gives a left-padded row the tokens it gets alone (greedy and seeded sampling; tested
+in tests/test_generate.py and here through the service). Locating objects and drawing heatmaps happen
+per row after the batch.
+
+One lock per engine serialises model calls, so a replica never runs two forward passes at once on its
+CPU threads or GPU (requests wait in Serve's queue and are batched there instead).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Head = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ChatJob:
+    """One choice of a chat request. `methods`: the registry's JSON specs ({"name", "params"})."""
+
+    image: np.ndarray = field(repr=False, compare=False)  # [H, W, 3] uint8, as decoded by the ingress
+    question: str
+    system: str | None = None
+    max_new_tokens: int = 256
+    fit_context: bool = True  # max_tokens not given: lower it to what fits
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    methods: tuple[dict, ...] = ()
+    heatmap: bool = False
+    heads: str = "auto"
+    locate: bool = False
+    queries: tuple[str, ...] | None = None
+
+    def group_key(self) -> str:
+        """Jobs with the same key can share one batch (the plan, the sampling, the recorder)."""
+        return json.dumps(
+            [self.methods, self.system, self.temperature, self.top_p, self.seed, self.heatmap and self.heads],
+            sort_keys=True,
+        )
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class Engine:
+    """A loaded VLM (and its risk model), answering `ChatJob`s and locating phrases."""
+
+    def __init__(self, vlm, risk=None) -> None:
+        self.vlm = vlm
+        self.risk = risk
+        self.lock = threading.Lock()
+        self._selection = None
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def selection(self):
+        """The checkpoint's localization heads (shipped / cached per weights hash; discovered once)."""
+        if self._selection is None:
+            from grounding.heads import load_or_discover
+
+            self._selection = load_or_discover(self.vlm)
+        return self._selection
+
+    def default_queries(self, question: str, answer: str) -> tuple[str, ...]:
+        """What to locate when the request names nothing: the testbed's objects the answer (else the
+        question) names, for the embedded model; the question itself for any other checkpoint."""
+        from vlm.checkpoint import TESTBED_DIR
+
+        if Path(self.vlm.path).resolve() == TESTBED_DIR:
+            from testbed.language import mentioned_categories
+
+            for text in (answer, question):
+                found = sorted(mentioned_categories(text))
+                if found:
+                    return tuple(f"the {c} {s}" for c, s in found)
+            return ()
+        return (question,)
+
+    # ------------------------------------------------------------------ chat
+
+    def check(self, job: ChatJob) -> int:
+        """The job's answer budget (max_new_tokens, lowered to what fits when `fit_context`).
+
+        Raises:
+            QuestionError: a question the chat template cannot take; ContextLengthError: no room.
+        """
+        from vlm import build_inputs
+        from vlm.contract import check_context
+
+        inputs = build_inputs(self.vlm, [job.image], [job.question], job.system)
+        n = int(inputs.attention_mask.sum())
+        return check_context(n, job.max_new_tokens, self.vlm.max_positions, fit=job.fit_context)
+
+    def run(self, jobs: Sequence[ChatJob]) -> list[dict]:
+        """Answer every job; one batched generate per group of jobs sharing a `group_key` and budget. A job
+        the model cannot take gets {"error": {"type", "message"}} and costs its neighbours nothing."""
+        from vlm.errors import InputError
+
+        out: list[dict | None] = [None] * len(jobs)
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, job in enumerate(jobs):
+            try:
+                budget = self.check(job)
+            except InputError as e:
+                out[i] = _error(e)
+                continue
+            groups.setdefault((job.group_key(), budget), []).append(i)
+        for (_, budget), idx in groups.items():
+            try:
+                results = self._run_group([jobs[i] for i in idx], budget)
+            except InputError as e:
+                results = [_error(e)] * len(idx)
+            for i, res in zip(idx, results):
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+    def stream(self, job: ChatJob, emit: Callable[[str], None]) -> dict:
+        """Answer one job, calling `emit(text)` with each new piece of the answer as it is generated."""
+        tok = self.vlm.processor.tokenizer
+        ids: list[int] = []
+        sent = [""]
+        eos = self.vlm.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id])
+        stopped = [False]
+
+        def on_token(step: int, row: list[int]) -> None:
+            if stopped[0] or row[0] in eos:
+                stopped[0] = True
+                return
+            ids.append(row[0])
+            text = tok.decode(ids, skip_special_tokens=True).lstrip()
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+                return
+            if text.startswith(sent[0]) and len(text) > len(sent[0]):
+                emit(text[len(sent[0]) :])
+                sent[0] = text
+
+        res = self._run_group([job], self.check(job), on_token)[0]
+        final = res["text"]
+        if final.startswith(sent[0]) and len(final) > len(sent[0]):
+            emit(final[len(sent[0]) :])
+        return res
+
+    def _run_group(self, jobs: list[ChatJob], budget: int, on_token=None) -> list[dict]:
+        from lucid.ask import answer_attention, head_attention, resolve_heads
+        from mitigation import AttentionRecorder
+        from mitigation.methods import parse_methods
+        from vlm import SamplingParams, build_inputs, generate
+
+        first = jobs[0]
+        methods = parse_methods(list(first.methods))
+        t0 = time.perf_counter()
+        with self.lock:
+            t_lock = time.perf_counter()
+            inputs = build_inputs(self.vlm, [j.image for j in jobs], [j.question for j in jobs], first.system)
+            prompt_tokens = inputs.attention_mask.sum(-1).tolist()
+            sampling = SamplingParams(
+                max_new_tokens=budget, temperature=first.temperature, top_p=first.top_p, seed=first.seed
+            )
+            heads = resolve_heads(self.vlm, first.heads) if first.heatmap else None
+            recorder = None
+            if first.heatmap:
+                rows = "all" if self.risk is not None and self.risk.use_prompt else "last"
+                layers = None if heads is None else sorted({layer for layer, _ in heads})
+                if self.risk is not None and layers is not None:
+                    layers = sorted(set(layers) | set(self.risk.layers))
+                recorder = AttentionRecorder(
+                    layers=layers, prefill_rows=rows, reduce_heads="mean" if heads is None else None
+                )
+            gens = generate(
+                self.vlm, inputs, sampling, recorder=recorder, methods=methods, risk=self.risk, on_token=on_token
+            )
+            results = []
+            for b, gen in enumerate(gens):
+                res: dict[str, Any] = {
+                    "text": gen.text,
+                    "finish_reason": "stop" if gen.finish_reason == "eos" else "length",
+                    "prompt_tokens": int(prompt_tokens[b]),
+                    "completion_tokens": len(gen.token_ids),
+                    "max_new_tokens": budget,
+                    "risk": None if gen.risk is None else round(float(gen.risk), 6),
+                    "methods": [m.to_json() for m in methods],
+                    "timings": {**gen.timings.to_dict(), "queued_s": round(t_lock - t0, 6), "batch_size": len(jobs)},
+                }
+                if recorder is not None:
+                    start = inputs.input_ids.shape[1] - 1 if recorder.prefill_rows == "all" else 0
+                    n = len(gen.token_ids)
+                    flat = (
+                        answer_attention(recorder, n, b, None, start)
+                        if heads is None
+                        else head_attention(recorder, n, heads, b, start)
+                    )
+                    lay = gen.layout
+                    v = np.clip(np.asarray(flat[: lay.n_tokens], dtype=np.float64), 0, None)
+                    v = v / v.sum() if v.sum() > 0 else np.full(lay.n_tokens, 1.0 / lay.n_tokens)
+                    res["_grid"] = v.reshape(lay.grid)
+                    res["_layout"] = lay
+                    res["attention_heads"] = None if heads is None else [list(h) for h in heads]
+                results.append(res)
+            for job, res in zip(jobs, results):
+                if job.locate:
+                    queries = (
+                        job.queries if job.queries is not None else self.default_queries(job.question, res["text"])
+                    )
+                    res["located"] = self._locate(job.image, list(queries)) if queries else []
+        for job, res in zip(jobs, results):  # drawing needs no model: outside the lock
+            grid, lay = res.pop("_grid", None), res.pop("_layout", None)
+            if job.heatmap and grid is not None:
+                from PIL import Image
+
+                from lucid.heatmap import heatmap_figure
+
+                t = time.perf_counter()
+                res["heatmap"] = {
+                    "png": _png(heatmap_figure(Image.fromarray(job.image), grid, lay, max_side=512)),
+                    "grid": list(grid.shape),
+                    "values": np.round(grid, 6).tolist(),
+                    "heads": res.pop("attention_heads", None),
+                }
+                res["timings"]["heatmap_s"] = round(time.perf_counter() - t, 6)
+        return results
+
+    # ------------------------------------------------------------------ locate
+
+    def _locate(self, image: np.ndarray, queries: list[str]) -> list[dict]:
+        from grounding.locate import LocateParams, locate_batch
+        from grounding.segment import attention_prompt
+
+        t = time.perf_counter()
+        locs = locate_batch(self.vlm, [image] * len(queries), queries, self.selection, LocateParams())
+        dt = (time.perf_counter() - t) / max(1, len(queries))
+        out = []
+        for loc in locs:
+            d = loc.to_json()
+            p = attention_prompt(loc, "point")
+            d["sam_prompt"] = {"points": [[x, y, lab] for (x, y), lab in zip(p.points, p.labels)], "box": None}
+            d["sam_prompt_box"] = [round(float(v), 2) for v in loc.box]
+            d["locate_s"] = round(dt, 6)
+            out.append(d)
+        return out
+
+    def locate(self, image: np.ndarray, queries: list[str]) -> list[dict]:
+        with self.lock:
+            return self._locate(image, queries)
+
+
+def _error(e: Exception) -> dict:
+    return {"error": {"type": type(e).__name__, "message": str(e)}}

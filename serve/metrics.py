@@ -1,0 +1,48 @@
+"""Prometheus metrics of the REST API (`GET /metrics`), per ingress replica, in its own registry.
+
+* `lucid_requests_total{http_method, route, method, status}`: requests answered (`method`: the
+  interventions of a chat request joined by "+", "none", or the kind of a segment request).
+* `lucid_request_latency_seconds{route, method}`: a histogram of time to the response's start.
+* `lucid_request_errors_total{route, method, status}`: responses with status >= 400.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lucid_requests",
+            "Requests answered",
+            ["http_method", "route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lucid_request_latency_seconds",
+            "Time to the response's start",
+            ["route", "method"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "lucid_request_errors",
+            "Responses with status >= 400",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+
+    def observe(self, http_method: str, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(http_method, route, method, str(status)).inc()
+        self.latency.labels(route, method).observe(seconds)
+        if status >= 400:
+            self.errors.labels(route, method, str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

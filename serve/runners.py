@@ -1,0 +1,182 @@
+"""The async face of the model side: what a VLM replica and a SAM replica expose, and the in-process
+`LocalBackend` made of the same two objects (used by `lucid serve --no-ray`-style tests and the bench).
+
+Model work runs in a worker thread (`asyncio.to_thread`), so an event loop (Serve's replica, or a test's)
+keeps accepting requests while a batch is computed; `Engine.lock` serialises the model itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import numpy as np
+
+from serve.config import AppConfig
+from serve.engine import ChatJob, Engine
+
+_END = object()
+
+
+class VlmRunner:
+    """Loads the checkpoint once (with its risk model), answers chat jobs and locates phrases."""
+
+    def __init__(self, cfg: AppConfig) -> None:
+        import torch
+
+        from lucid.cli import _quiet
+        from mitigation.risk import RISK_FILE, RiskModel
+        from vlm import load_vlm
+
+        _quiet()
+        torch.set_num_threads(cfg.torch_threads)
+        t = time.perf_counter()
+        vlm = load_vlm(cfg.model, device=cfg.device)
+        risk_path = vlm.path / RISK_FILE
+        self.engine = Engine(vlm, RiskModel.load(risk_path) if risk_path.is_file() else None)
+        self.load_s = time.perf_counter() - t
+        self.model_id = cfg.model_name or vlm.name
+
+    def info(self) -> dict[str, Any]:
+        vlm = self.engine.vlm
+        return {
+            "id": self.model_id,
+            "path": str(vlm.path),
+            "kind": vlm.kind,
+            "device": str(vlm.device),
+            "dtype": str(vlm.dtype).replace("torch.", ""),
+            "max_positions": vlm.max_positions,
+            "layers": vlm.n_layers,
+            "heads": vlm.n_heads,
+            "risk_model": self.engine.risk is not None,
+            "load_s": round(self.load_s, 3),
+        }
+
+    async def chat(self, jobs: list[ChatJob]) -> list[dict]:
+        return await asyncio.to_thread(self.engine.run, jobs)
+
+    async def locate(self, image: np.ndarray, queries: list[str]) -> list[dict]:
+        return await asyncio.to_thread(self.engine.locate, image, queries)
+
+    def stream_sync(self, job: ChatJob) -> Iterator[dict]:
+        """{"delta": text} events as the answer is generated, then {"result": dict} (or {"error": ...})."""
+        q: queue.Queue = queue.Queue()
+
+        def work() -> None:
+            from vlm.errors import InputError
+
+            try:
+                res = self.engine.stream(job, lambda text: q.put({"delta": text}))
+                q.put({"result": res})
+            except InputError as e:
+                q.put({"error": {"type": type(e).__name__, "message": str(e)}})
+            except Exception as e:  # reported to the client as a 500-type stream error; logged by the caller
+                q.put({"error": {"type": "InternalError", "message": f"{type(e).__name__}: {e}"}, "internal": True})
+            q.put(_END)
+
+        threading.Thread(target=work, daemon=True, name="lucid-stream").start()
+        while (item := q.get()) is not _END:
+            yield item
+
+    async def chat_stream(self, job: ChatJob) -> AsyncIterator[dict]:
+        it = self.stream_sync(job)
+        while (item := await asyncio.to_thread(next, it, _END)) is not _END:
+            yield item
+
+
+class SamRunner:
+    """Loads SAM once; segments from explicit prompts or from located objects (embeddings cached per image)."""
+
+    def __init__(self, cfg: AppConfig) -> None:
+        from grounding.sam import load_segmenter
+
+        t = time.perf_counter()
+        self.segmenter = load_segmenter(cfg.sam, device=cfg.device or "cpu")
+        self.load_s = time.perf_counter() - t
+        self.lock = threading.Lock()
+
+    def info(self) -> dict[str, Any]:
+        return {"source": self.segmenter.source, "load_s": round(self.load_s, 3)}
+
+    def _explicit(self, image: np.ndarray, points: list, boxes: list) -> dict:
+        from grounding.segment import segment_prompts
+
+        with self.lock:
+            t = time.perf_counter()
+            objects = segment_prompts(self.segmenter, image, points, boxes)
+            timings = {"sam_s": time.perf_counter() - t, **{f"sam_{k}_s": v for k, v in self.segmenter.timings.items()}}
+        return {"objects": [o.to_json() for o in objects], "timings": _round(timings)}
+
+    def _located(self, image: np.ndarray, located: list[dict], how: str) -> dict:
+        from grounding.sam import SamPrompt
+        from grounding.segment import _object
+
+        prompts = []
+        for loc in located:
+            pts = tuple((float(x), float(y)) for x, y, _ in loc["sam_prompt"]["points"])
+            labels = tuple(int(lab) for *_, lab in loc["sam_prompt"]["points"])
+            box = tuple(float(v) for v in loc["sam_prompt_box"])
+            prompts.append(
+                SamPrompt(pts, labels)
+                if how == "point"
+                else SamPrompt(box=box)
+                if how == "box"
+                else SamPrompt(pts, labels, box)
+            )
+        with self.lock:
+            t = time.perf_counter()
+            results = self.segmenter.segment(image, prompts) if prompts else []
+            timings = {"sam_s": time.perf_counter() - t, **{f"sam_{k}_s": v for k, v in self.segmenter.timings.items()}}
+        objects = []
+        for loc, p, r in zip(located, prompts, results):
+            d = _object(loc["query"], p, r, "attention").to_json()
+            d["location"] = {k: loc[k] for k in ("box", "point", "score", "heads")}
+            objects.append(d)
+        return {"objects": objects, "timings": _round(timings)}
+
+    async def segment(self, image: np.ndarray, points: list, boxes: list) -> dict:
+        return await asyncio.to_thread(self._explicit, image, points, boxes)
+
+    async def segment_located(self, image: np.ndarray, located: list[dict], how: str = "point") -> dict:
+        return await asyncio.to_thread(self._located, image, located, how)
+
+
+def _round(t: dict[str, float]) -> dict[str, float]:
+    return {k: round(float(v), 6) for k, v in t.items()}
+
+
+class LocalBackend:
+    """Both runners in this process: the API's backend without Ray (tests, benchmarks)."""
+
+    def __init__(self, cfg: AppConfig) -> None:
+        self.vlm = VlmRunner(cfg)
+        self._sam: SamRunner | None = None
+        self.cfg = cfg
+
+    @property
+    def sam(self) -> SamRunner:
+        if self._sam is None:
+            self._sam = SamRunner(self.cfg)
+        return self._sam
+
+    async def info(self) -> dict:
+        return self.vlm.info()
+
+    async def chat(self, jobs: list[ChatJob]) -> list[dict]:
+        return await self.vlm.chat(jobs)
+
+    def chat_stream(self, job: ChatJob) -> AsyncIterator[dict]:
+        return self.vlm.chat_stream(job)
+
+    async def locate(self, image: np.ndarray, queries: list[str]) -> list[dict]:
+        return await self.vlm.locate(image, queries)
+
+    async def segment(self, image: np.ndarray, points: list, boxes: list) -> dict:
+        return await self.sam.segment(image, points, boxes)
+
+    async def segment_located(self, image: np.ndarray, located: list[dict], how: str = "point") -> dict:
+        return await self.sam.segment_located(image, located, how)
