@@ -89,7 +89,7 @@ def resolve_image(url: str, cfg: AppConfig, param: str) -> np.ndarray:
             if not any(url.startswith(p) for p in cfg.allow_remote):
                 raise ApiError(
                     400,
-                    "remote image URLs are refused (send a data: URL, or configure allow_remote with this URL's prefix)",
+                    "remote image URLs are refused (send a data: URL, or add this URL's prefix to allow_remote)",
                     param=param,
                 )
             pil = load_image(_fetch(url, cfg), limits)
@@ -546,14 +546,14 @@ async def _sse(backend, job: ChatJob, req: ChatRequest, cid: str, created: int, 
                 err = item["error"]
                 status = 500 if item.get("internal") else 400
                 msg = f"internal error (request id {rid})" if status == 500 else err["message"]
-                yield f"data: {json.dumps({'error': {'message': msg, 'type': err['type'], 'code': status, 'request_id': rid}})}\n\n"
+                yield _sse_error(msg, err["type"], status, rid)
                 yield "data: [DONE]\n\n"
                 return
         if req.grounding.masks and result is not None:
             await _add_masks(backend, job.image, [result])
     except Exception:
         log.error("request %s failed while streaming:\n%s", rid, traceback.format_exc())
-        yield f"data: {json.dumps({'error': {'message': f'internal error (request id {rid})', 'type': 'internal_error', 'code': 500, 'request_id': rid}})}\n\n"
+        yield _sse_error(f"internal error (request id {rid})", "internal_error", 500, rid)
         yield "data: [DONE]\n\n"
         return
     lucid = {"request_id": rid, "plan": echo["methods"], "sampling": {"seed": echo["seed"]}, **_choice_extras(result)}
@@ -570,6 +570,10 @@ async def _sse(backend, job: ChatJob, req: ChatRequest, cid: str, created: int, 
         }
         yield f"data: {json.dumps(body)}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def _sse_error(message: str, type_: str, status: int, rid: str) -> str:
+    return f"data: {json.dumps({'error': {'message': message, 'type': type_, 'code': status, 'request_id': rid}})}\n\n"
 
 
 def _version() -> str:
