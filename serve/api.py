@@ -293,10 +293,6 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
     async def api_error(request: Request, exc: ApiError):
         return _body(exc.status, exc.message, exc.type, request.state.rid, exc.param)
 
-    @app.exception_handler(InputError)
-    async def input_error(request: Request, exc: InputError):
-        return _body(400, str(exc), "invalid_request_error", request.state.rid)
-
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
         rid = request.state.rid
@@ -478,6 +474,22 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
             raise ApiError(404, f"no eval job {job_id!r}", "job_id", type_="not_found")
         return found
 
+    def openapi() -> dict:
+        """FastAPI's document, with the registry's own schema for an intervention (one branch per method)."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            reg = {k: v for k, v in interventions_schema().items() if k != "$schema"}
+            doc["components"]["schemas"]["Intervention"] = {
+                "title": "Intervention",
+                "description": "A registered method and its parameters (GET /v1/interventions).",
+                **reg,
+            }
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

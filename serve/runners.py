@@ -152,8 +152,8 @@ def _round(t: dict[str, float]) -> dict[str, float]:
 class LocalBackend:
     """Both runners in this process: the API's backend without Ray (tests, benchmarks)."""
 
-    def __init__(self, cfg: AppConfig) -> None:
-        self.vlm = VlmRunner(cfg)
+    def __init__(self, cfg: AppConfig, vlm: VlmRunner | None = None) -> None:
+        self.vlm = vlm or VlmRunner(cfg)  # a runner may be shared by backends with other configs (tests)
         self._sam: SamRunner | None = None
         self.cfg = cfg
 
