@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test venv bench clean
+.PHONY: run test venv bench clean browser
 
 # A CUDA torch importable by the system python is kept (the venv sees it); otherwise the local CPU
 # build torch==2.13.0 is installed before the project so no resolver pulls the CUDA wheels.
@@ -22,11 +22,17 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# the REST API + web page on the embedded default, in the foreground (Ctrl-C stops it)
 run: $(STAMP)
-	$(VENV)/bin/lucid ask testbed/examples/scene.png "Is there a red circle in the image?" --heatmap out/heatmap.png --json
-	@echo "heatmap written to out/heatmap.png"
+	$(VENV)/bin/lucid serve
 
-test: $(STAMP)
+# headless Chromium for the web page's test (Debian's package; Playwright drives it, no download)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "lucid: installing chromium (apt)"; \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null) \
+	  || echo "lucid: could not install chromium; the web page test will be skipped"; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -49,6 +49,8 @@ def register(app: typer.Typer) -> None:
         if cfg.image_root is not None:
             cfg = cfg.model_copy(update={"image_root": str(Path(cfg.image_root).resolve())})
         cfg = cfg.model_copy(update={"eval_root": str(Path(cfg.eval_root).resolve())})
+        if cfg.model != "testbed" and Path(cfg.model).exists():  # replicas and eval jobs may run elsewhere
+            cfg = cfg.model_copy(update={"model": str(Path(cfg.model).resolve())})
         from vlm.checkpoint import inspect_checkpoint
 
         inspect_checkpoint(cfg.model)

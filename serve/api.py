@@ -49,7 +49,7 @@ class ApiError(Exception):
 
 def _body(status: int, message: str, type_: str, request_id: str, param: str | None = None, **more) -> JSONResponse:
     err = {"message": message, "type": type_, "param": param, "code": status, "request_id": request_id}
-    return JSONResponse({"error": err, **more}, status_code=status, headers={"x-request-id": request_id})
+    return JSONResponse({"error": err, **more}, status_code=status)
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -254,29 +254,7 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
             state["model_id"] = (await backend.info())["id"]
         return state["model_id"]
 
-    @app.middleware("http")
-    async def envelope(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", rid):
-            rid = uuid.uuid4().hex
-        request.state.rid = rid
-        request.state.method = "-"
-        route = request.url.path if request.url.path in _ROUTES else _route_of(request.url.path)
-        t = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > cfg.max_body_bytes:
-            resp = _body(
-                413, f"the request body is {int(length):,} bytes, over {cfg.max_body_bytes:,}", "too_large", rid
-            )
-        else:
-            try:
-                resp = await call_next(request)
-            except Exception:  # what the route did not answer itself
-                log.error("request %s failed:\n%s", rid, traceback.format_exc())
-                resp = _body(500, f"internal error (request id {rid})", "internal_error", rid)
-        resp.headers["x-request-id"] = rid
-        metrics.observe(request.method, route, request.state.method, resp.status_code, time.perf_counter() - t)
-        return resp
+    app.add_middleware(Envelope, cfg=cfg, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -292,12 +270,6 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return _body(exc.status, exc.message, exc.type, request.state.rid, exc.param)
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception):
-        rid = request.state.rid
-        log.error("request %s failed:\n%s", rid, "".join(traceback.format_exception(exc)))
-        return _body(500, f"internal error (request id {rid})", "internal_error", rid)
 
     # ------------------------------------------------------------------ routes
 
@@ -351,7 +323,7 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
             return StreamingResponse(
                 _sse(backend, jobs[0], req, cid, created, mid, echo, rid),
                 media_type="text/event-stream",
-                headers={"x-request-id": rid, "cache-control": "no-cache"},
+                headers={"cache-control": "no-cache"},
             )
         t = time.perf_counter()
         results = await backend.chat(jobs)
@@ -450,9 +422,8 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
     async def submit_eval(req: EvalRequest, request: Request):
         jobs = _evals()
         request.state.method = "+".join(req.suites)
-        info = await backend.info()
         try:
-            return await jobs.submit(req, info["path"])
+            return await jobs.submit(req, cfg.model)
         except InputError as e:
             raise ApiError(400, str(e)) from None
 
@@ -506,6 +477,71 @@ _ROUTES = {
     "/openapi.json",
     "/docs",
 }
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Envelope:
+    """Pure ASGI middleware around every request: a request id (the client's `x-request-id`, e.g. from
+    Serve's proxy, or a new one) in `scope["state"]`, the body-size limit (413, before the body is read
+    into memory), any exception a route did not answer turned into a 500 naming the request id (logged with
+    its traceback), and the metrics."""
+
+    def __init__(self, app, cfg: AppConfig, metrics: Metrics) -> None:
+        self.app, self.cfg, self.metrics = app, cfg, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        rid = headers.get("x-request-id", "")
+        echoed = bool(rid)
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", rid):
+            rid, echoed = uuid.uuid4().hex, False
+        state = scope.setdefault("state", {})
+        state["rid"], state["method"] = rid, "-"
+        path = scope.get("path", "")
+        route = path if path in _ROUTES else _route_of(path)
+        t = time.perf_counter()
+        status = [500]
+        started = [False]
+
+        async def send_(msg):
+            if msg["type"] == "http.response.start":
+                status[0], started[0] = msg["status"], True
+                if not echoed:  # behind Serve, its proxy puts the id it sent us on the response
+                    msg = {**msg, "headers": [*msg.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(msg)
+
+        limit = self.cfg.max_body_bytes
+        seen = [0]
+
+        async def receive_():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen[0] += len(msg.get("body", b""))
+                if seen[0] > limit:
+                    raise _TooLarge
+            return msg
+
+        length = headers.get("content-length", "")
+        try:
+            if length.isdigit() and int(length) > limit:
+                raise _TooLarge
+            await self.app(scope, receive_, send_)
+        except _TooLarge:
+            if not started[0]:
+                size = f"{int(length):,} bytes" if length.isdigit() else "over the limit"
+                msg = f"the request body is {size}, over {limit:,} bytes"
+                await _body(413, msg, "too_large", rid)(scope, receive, send_)
+        except Exception:  # what the route did not answer itself
+            log.error("request %s failed:\n%s", rid, traceback.format_exc())
+            if not started[0]:
+                await _body(500, f"internal error (request id {rid})", "internal_error", rid)(scope, receive, send_)
+        finally:
+            self.metrics.observe(scope["method"], route, state["method"], status[0], time.perf_counter() - t)
 
 
 def _route_of(path: str) -> str:

@@ -50,8 +50,8 @@ class VLMServer:
         import os
 
         results = await self.runner.chat(jobs)
-        for r in results:
-            r.setdefault("timings", {})["replica_pid"] = os.getpid()
+        for r in results:  # how the replica served it: its pid, and the requests Serve batched together
+            r.setdefault("timings", {}).update(replica_pid=os.getpid(), serve_batch=len(jobs))
         return results
 
     async def chat_stream(self, job: ChatJob) -> AsyncIterator[dict]:

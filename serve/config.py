@@ -51,7 +51,7 @@ class AppConfig(BaseModel):
     ingress_cpus: float = Field(0.25, gt=0)
     batching: bool = Field(True, description="batch concurrent chat requests that share a plan (@serve.batch)")
     max_batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=10, description="how long a batch waits for company")
     max_ongoing_requests: int = Field(32, ge=1, description="per VLM replica (>= max_batch_size to fill batches)")
     image_root: str | None = Field(None, description="local image paths are served only under this directory")
     allow_remote: list[str] = Field(

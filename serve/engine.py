@@ -51,7 +51,14 @@ class ChatJob:
     def group_key(self) -> str:
         """Jobs with the same key can share one batch (the plan, the sampling, the recorder)."""
         return json.dumps(
-            [self.methods, self.system, self.temperature, self.top_p, self.seed, self.heatmap and self.heads],
+            [
+                self.methods,
+                self.system,
+                self.temperature,
+                self.top_p if self.temperature > 0 else None,
+                self.seed if self.temperature > 0 else None,  # greedy decoding ignores the seed
+                self.heatmap and self.heads,
+            ],
             sort_keys=True,
         )
 
@@ -104,8 +111,9 @@ class Engine:
 
     # ------------------------------------------------------------------ chat
 
-    def check(self, job: ChatJob) -> int:
-        """The job's answer budget (max_new_tokens, lowered to what fits when `fit_context`).
+    def check(self, job: ChatJob) -> tuple[int, object]:
+        """The job's answer budget (max_new_tokens, lowered to what fits when `fit_context`) and its inputs
+        (reused when the job is answered alone).
 
         Raises:
             QuestionError: a question the chat template cannot take; ContextLengthError: no room.
@@ -115,7 +123,7 @@ class Engine:
 
         inputs = build_inputs(self.vlm, [job.image], [job.question], job.system)
         n = int(inputs.attention_mask.sum())
-        return check_context(n, job.max_new_tokens, self.vlm.max_positions, fit=job.fit_context)
+        return check_context(n, job.max_new_tokens, self.vlm.max_positions, fit=job.fit_context), inputs
 
     def run(self, jobs: Sequence[ChatJob]) -> list[dict]:
         """Answer every job; one batched generate per group of jobs sharing a `group_key` and budget. A job
@@ -124,16 +132,19 @@ class Engine:
 
         out: list[dict | None] = [None] * len(jobs)
         groups: dict[tuple[str, int], list[int]] = {}
+        single: dict[int, object] = {}
         for i, job in enumerate(jobs):
             try:
-                budget = self.check(job)
+                budget, single[i] = self.check(job)
             except InputError as e:
                 out[i] = _error(e)
                 continue
             groups.setdefault((job.group_key(), budget), []).append(i)
         for (_, budget), idx in groups.items():
             try:
-                results = self._run_group([jobs[i] for i in idx], budget)
+                results = self._run_group(
+                    [jobs[i] for i in idx], budget, inputs=single[idx[0]] if len(idx) == 1 else None
+                )
             except InputError as e:
                 results = [_error(e)] * len(idx)
             for i, res in zip(idx, results):
@@ -161,13 +172,14 @@ class Engine:
                 emit(text[len(sent[0]) :])
                 sent[0] = text
 
-        res = self._run_group([job], self.check(job), on_token)[0]
+        budget, inputs = self.check(job)
+        res = self._run_group([job], budget, on_token, inputs)[0]
         final = res["text"]
         if final.startswith(sent[0]) and len(final) > len(sent[0]):
             emit(final[len(sent[0]) :])
         return res
 
-    def _run_group(self, jobs: list[ChatJob], budget: int, on_token=None) -> list[dict]:
+    def _run_group(self, jobs: list[ChatJob], budget: int, on_token=None, inputs=None) -> list[dict]:
         from lucid.ask import answer_attention, head_attention, resolve_heads
         from mitigation import AttentionRecorder
         from mitigation.methods import parse_methods
@@ -178,7 +190,8 @@ class Engine:
         t0 = time.perf_counter()
         with self.lock:
             t_lock = time.perf_counter()
-            inputs = build_inputs(self.vlm, [j.image for j in jobs], [j.question for j in jobs], first.system)
+            if inputs is None:
+                inputs = build_inputs(self.vlm, [j.image for j in jobs], [j.question for j in jobs], first.system)
             prompt_tokens = inputs.attention_mask.sum(-1).tolist()
             sampling = SamplingParams(
                 max_new_tokens=budget, temperature=first.temperature, top_p=first.top_p, seed=first.seed
