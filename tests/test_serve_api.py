@@ -312,3 +312,51 @@ def test_models_health_and_metrics(client):
 def test_evals_without_a_dashboard_are_503(client):
     e = err(client.post("/v1/evals", json={"suites": ["testbed-pope"]}), 503)
     assert "not enabled" in e["message"]
+
+
+def test_one_engine_batch_with_mixed_plans_gives_each_job_its_solo_answer(backend):
+    """What a replica does with one @serve.batch: jobs of different plans, questions, sampling and budgets
+    in one call; each gets what it gets alone."""
+    from serve.engine import ChatJob
+
+    image = np.asarray(Image.open(SCENE).convert("RGB"))
+    vhr = ({"name": "vhr", "params": {"alpha": 1.5}},)
+    jobs = [
+        ChatJob(image=image, question="Describe the image.", max_new_tokens=16, fit_context=False),
+        ChatJob(image=image, question=Q, max_new_tokens=16, fit_context=False, methods=vhr),
+        ChatJob(image=image, question="Describe the image.", max_new_tokens=16, fit_context=False, methods=vhr),
+        ChatJob(image=image, question="How many circles are there?", max_new_tokens=16, fit_context=False),
+        ChatJob(image=image, question="Describe the image.", max_new_tokens=9, temperature=0.9, seed=3),
+        ChatJob(image=image, question="what <image> is", max_new_tokens=8),  # refused alone, harms nobody
+    ]
+    together = backend.vlm.engine.run(jobs)
+    assert "error" in together[-1] and "<image>" in together[-1]["error"]["message"]
+    sizes = [r["timings"]["batch_size"] for r in together[:-1]]
+    assert sizes == [2, 2, 2, 2, 1]  # grouped by plan: baseline x2, vhr x2, the sampled one alone
+    for job, res in zip(jobs[:-1], together[:-1]):
+        (alone,) = backend.vlm.engine.run([job])
+        assert res["text"] == alone["text"] and res["finish_reason"] == alone["finish_reason"], job.question
+
+
+def test_remote_images_only_from_allowed_prefixes(backend, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "pub").mkdir()
+    (tmp_path / "pub" / "scene.png").write_bytes(SCENE.read_bytes())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{srv.server_port}"
+        cfg = AppConfig(allow_remote=[f"{base}/pub/"])
+        c = TestClient(make_app(cfg, backend))
+        got = ok(c.post("/v1/chat/completions", json=body(url=f"{base}/pub/scene.png")))
+        assert got["choices"][0]["message"]["content"] == solo(backend)
+        assert "refused" in err(c.post("/v1/chat/completions", json=body(url=f"{base}/other.png")), 400)["message"]
+        assert (
+            "cannot fetch" in err(c.post("/v1/chat/completions", json=body(url=f"{base}/pub/no.png")), 400)["message"]
+        )
+    finally:
+        srv.shutdown()
