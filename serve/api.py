@@ -431,19 +431,18 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
     async def list_evals():
         return {"object": "list", "data": await _evals().list()}
 
-    @app.get("/v1/evals/{job_id}")
-    async def get_eval(job_id: str):
-        found = await _evals().status(job_id)
+    def _found(job_id: str, found: dict | None) -> dict:
         if found is None:
             raise ApiError(404, f"no eval job {job_id!r}", "job_id", type_="not_found")
         return found
 
+    @app.get("/v1/evals/{job_id}")
+    async def get_eval(job_id: str):
+        return _found(job_id, await _evals().status(job_id))
+
     @app.delete("/v1/evals/{job_id}")
     async def stop_eval(job_id: str):
-        found = await _evals().stop(job_id)
-        if found is None:
-            raise ApiError(404, f"no eval job {job_id!r}", "job_id", type_="not_found")
-        return found
+        return _found(job_id, await _evals().stop(job_id))
 
     def openapi() -> dict:
         """FastAPI's document, with the registry's own schema for an intervention (one branch per method)."""
