@@ -109,6 +109,8 @@ KINDS = {
 }
 # which direction is better, per metric (for the report's arrows); unlisted: higher is better
 LOWER_IS_BETTER = {"false_yes_rate", "chair_s", "chair_i", "partner_absent_named"}
+# metrics with no better direction (POPE's yes-ratio: the share of "Yes" among the labels is right)
+NO_DIRECTION = {"yes_ratio", "mean_length", "mean_words", "words"}
 # a metric per kind that the report charts and tests against the baseline first
 PRIMARY = {
     "binary": ("accuracy", "f1", "yes_ratio"),

@@ -182,6 +182,12 @@ def write_results(plan, runs: list[dict]) -> dict:
     if out is not None:
         from vlm.contract import write_output
 
+        try:  # a resumed job keeps the throughput records of the runs that answered the earlier samples
+            earlier = json.loads((out / "results.json").read_text()).get("throughput") or []
+        except (OSError, ValueError):
+            earlier = []
+        res["throughput"] = [{**t, "earlier_run": True} for t in earlier] + res["throughput"]
+
         write_output(out / "results.json", json.dumps(res, indent=1, default=str))
         charts = write_charts(res, out)
         write_output(out / "report.md", markdown(res, charts))
@@ -295,7 +301,13 @@ def write_charts(res: dict, out: Path) -> dict[str, str]:
             x = np.arange(len(vals))
             ax.bar(x, vals, yerr=errs, capsize=3, color=["#888888"] + ["#3a7bd5"] * (len(vals) - 1))
             ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
-            arrow = "lower is better" if metric in M.LOWER_IS_BETTER else "higher is better"
+            arrow = (
+                "no better direction"
+                if metric in M.NO_DIRECTION
+                else "lower is better"
+                if metric in M.LOWER_IS_BETTER
+                else "higher is better"
+            )
             ax.set_title(f"{split}: {metric} ({arrow})", fontsize=8)
             ax.tick_params(axis="y", labelsize=7)
         for ax in list(axes.flat)[len(panels) :]:
