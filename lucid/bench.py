@@ -173,6 +173,7 @@ def _run_path(vlm, inputs, path: str, steps: int) -> tuple[float, list[float]]:
     import mitigation
     from mitigation.methods import parse_methods
     from vlm import SamplingParams, generate
+    from vlm.generate import cache_argument
 
     model = vlm.model
     if path == "eager+attn":
@@ -181,11 +182,12 @@ def _run_path(vlm, inputs, path: str, steps: int) -> tuple[float, list[float]]:
         mask = kw["attention_mask"]
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.config)
+        ckw = cache_argument(model)
         kept, decode = [], []
         with torch.inference_mode():
             _sync(vlm.device)
             t0 = time.perf_counter()
-            out = model(**kw, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1,
+            out = model(**kw, position_ids=pos, **{ckw: cache}, use_cache=True, logits_to_keep=1,
                         output_attentions=True)  # fmt: skip
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             kept.append(out.attentions)
@@ -195,7 +197,7 @@ def _run_path(vlm, inputs, path: str, steps: int) -> tuple[float, list[float]]:
                 t = time.perf_counter()
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
                 pos = pos[:, -1:] + 1
-                out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, **{ckw: cache},
                             use_cache=True, output_attentions=True)  # fmt: skip
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True)
                 kept.append(out.attentions)

@@ -62,6 +62,14 @@ def _next_tokens(
     return (probs / noise).argmax(-1)
 
 
+def cache_argument(model) -> str:
+    """The forward's name for the KV cache: `cache` (transformers >= 5.24, where `past_key_values` is
+    deprecated) or `past_key_values` (earlier)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def generate(
     vlm: VLM,
@@ -120,6 +128,7 @@ def generate(
     mask = request.model_kwargs["attention_mask"]
     position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
+    cache_kw = cache_argument(model)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out_tokens: list[torch.Tensor] = []
     out_logprobs: list[torch.Tensor] = []
@@ -128,7 +137,7 @@ def generate(
         _sync(dev)
         t0 = time.perf_counter()
         out = model(
-            **request.model_kwargs, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+            **request.model_kwargs, position_ids=position_ids, **{cache_kw: cache}, use_cache=True, logits_to_keep=1
         )
         logits = request.logits(out.logits[:, -1])  # [B, V]: the request's rows after any logits step
         nxt = _next_tokens(logits, sampling, generators)
@@ -153,7 +162,7 @@ def generate(
                 input_ids=request.feed(nxt)[:, None],
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=cache,
+                **{cache_kw: cache},
                 use_cache=True,
             )
             logits = request.logits(out.logits[:, -1])
