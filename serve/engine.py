@@ -81,6 +81,7 @@ class Engine:
         self.vlm = vlm
         self.risk = risk
         self.lock = threading.Lock()
+        self.draw_lock = threading.Lock()  # pyplot keeps global state: one figure at a time per process
         self._selection = None
 
     # ------------------------------------------------------------------ helpers
@@ -250,8 +251,10 @@ class Engine:
                 from lucid.heatmap import heatmap_figure
 
                 t = time.perf_counter()
+                with self.draw_lock:
+                    png = _png(heatmap_figure(Image.fromarray(job.image), grid, lay, max_side=512))
                 res["heatmap"] = {
-                    "png": _png(heatmap_figure(Image.fromarray(job.image), grid, lay, max_side=512)),
+                    "png": png,
                     "grid": list(grid.shape),
                     "values": np.round(grid, 6).tolist(),
                     "heads": res.pop("attention_heads", None),
