@@ -145,3 +145,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         max_ongoing_requests=max(8, cfg.max_ongoing_requests),
     ).bind(plain)
     return Api.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}, max_ongoing_requests=256).bind(vlm, sam, plain)
+
+
+#: the embedded default as an Application, for `serve build serve.app:app -o lucid.yaml` (which wants an
+#: Application, not a builder); config files use the builder `serve.app:build_app` with `args`.
+app = build_app()

@@ -124,7 +124,10 @@ def read_config(path: str | Path) -> tuple[AppConfig, HttpOptions, dict]:
         raise ConfigError(f"config {path}: expected a Ray Serve config with an 'applications' list (see README)")
     apps = [a for a in doc["applications"] if isinstance(a, dict) and a.get("import_path") == IMPORT_PATH]
     if not apps:
-        raise ConfigError(f"config {path}: no application has import_path {IMPORT_PATH!r}")
+        raise ConfigError(
+            f"config {path}: no application has import_path {IMPORT_PATH!r} (a file written by `serve build "
+            "serve.app:app` runs with `serve deploy FILE`; `lucid serve` reads the builder's args)"
+        )
     try:
         http = HttpOptions(**(doc.get("http_options") or {}))
     except ValidationError as e:

@@ -360,3 +360,32 @@ def test_remote_images_only_from_allowed_prefixes(backend, tmp_path):
         )
     finally:
         srv.shutdown()
+
+
+def test_serve_build_writes_a_deployable_config(tmp_path):
+    """Ray's own `serve build` imports the app (serve.app:app) and writes a config `serve deploy` takes,
+    with the resources Lucid declares per deployment; `lucid serve` points such a file at the builder."""
+    import subprocess
+    import sys
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.config import ConfigError, read_config
+
+    out = tmp_path / "built.yaml"
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "serve"), "build", "serve.app:app", "-o", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = yaml.safe_load(out.read_text())
+    ServeDeploySchema(**doc)
+    deps = {d["name"]: d for d in doc["applications"][0]["deployments"]}
+    assert deps["VLMServer"]["ray_actor_options"]["num_cpus"] == AppConfig().vlm_cpus
+    assert deps["Api"]["ray_actor_options"]["num_cpus"] == AppConfig().ingress_cpus
+    with pytest.raises(ConfigError, match="serve deploy"):
+        read_config(out)
