@@ -149,33 +149,60 @@ def chat_jobs(req: ChatRequest, cfg: AppConfig, model_id: str) -> tuple[list[Cha
             "model",
             type_="not_found",
         )
-    system_parts, question_parts, images = [], [], []
-    users = [m for m in req.messages if m.role == "user"]
-    if len(users) > 1 or any(m.role in ("assistant", "tool") for m in req.messages):
-        raise ApiError(
-            400, "one user turn per request: multi-turn conversations are not supported yet", param="messages"
-        )
+    system_parts: list[str] = []
+    turns: list[tuple[str, list[str]]] = []  # (role, text parts) of the user / assistant messages, in order
+    images = []
     for i, m in enumerate(req.messages):
         parts = [m.content] if isinstance(m.content, str) else (m.content or [])
-        for j, p in enumerate(parts):
-            text = p if isinstance(p, str) else getattr(p, "text", None)
-            if m.role in ("system", "developer"):
+        if m.role == "tool":
+            raise ApiError(400, "tool messages are not supported", param=f"messages.{i}")
+        if m.role in ("system", "developer"):
+            if turns:
+                raise ApiError(400, "system messages come before the conversation", param=f"messages.{i}")
+            for j, p in enumerate(parts):
+                text = p if isinstance(p, str) else getattr(p, "text", None)
                 if text is None:
                     raise ApiError(400, "system messages take text only", param=f"messages.{i}.content.{j}")
                 system_parts.append(text)
-            elif text is not None:
-                question_parts.append(text)
-            else:
+            continue
+        role = "user" if m.role == "user" else "assistant"
+        if (role == "user") == (len(turns) % 2 == 1):
+            raise ApiError(
+                400, "user and assistant messages must alternate, starting with a user message", f"messages.{i}"
+            )
+        texts = []
+        for j, p in enumerate(parts):
+            text = p if isinstance(p, str) else getattr(p, "text", None)
+            if text is not None:
+                texts.append(text)
+            elif role == "user" and not turns:
                 images.append((p.url, f"messages.{i}.content.{j}.image_url"))
+            else:
+                raise ApiError(
+                    400, "the image goes in the first user message (one image per conversation)", f"messages.{i}"
+                )
+        turns.append((role, texts))
+    if not turns or turns[-1][0] != "user":
+        raise ApiError(400, "the conversation must end with a user message (the turn to answer)", "messages")
     if len(images) != 1:
         raise ApiError(
             400, f"exactly one image_url part is needed (LLaVA answers about one image), got {len(images)}", "messages"
         )
+    joined = ["\n".join(t for t in texts if t.strip()) for _, texts in turns]
+    history = tuple((role, text) for (role, _), text in zip(turns[:-1], joined[:-1]))
+    question_parts = [joined[-1]]
+    from vlm.contract import check_question
+
+    for k, (_, text) in enumerate(history):
+        if not text.strip():
+            raise ApiError(400, f"message {k} of the conversation has no text", param="messages")
+        try:
+            check_question(text)
+        except InputError as e:
+            raise ApiError(400, str(e), param="messages") from None
     question = "\n".join(t for t in question_parts if t.strip())
     if not question.strip():
         raise ApiError(400, "the user message has no text (the question)", param="messages")
-    from vlm.contract import check_question
-
     try:
         check_question(question)
     except InputError as e:
@@ -208,6 +235,7 @@ def chat_jobs(req: ChatRequest, cfg: AppConfig, model_id: str) -> tuple[list[Cha
         image=image,
         question=question,
         system=" ".join(system_parts) or None,
+        history=history,
         max_new_tokens=max_tokens or cfg.default_max_tokens,
         fit_context=max_tokens is None,
         temperature=req.temperature,

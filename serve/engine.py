@@ -37,6 +37,7 @@ class ChatJob:
     image: np.ndarray = field(repr=False, compare=False)  # [H, W, 3] uint8, as decoded by the ingress
     question: str
     system: str | None = None
+    history: tuple[tuple[str, str], ...] = ()  # earlier (role, text) turns; the first (user) carries the image
     max_new_tokens: int = 256
     fit_context: bool = True  # max_tokens not given: lower it to what fits
     temperature: float = 0.0
@@ -54,6 +55,7 @@ class ChatJob:
             [
                 self.methods,
                 self.system,
+                self.history,
                 self.temperature,
                 self.top_p if self.temperature > 0 else None,
                 self.seed if self.temperature > 0 else None,  # greedy decoding ignores the seed
@@ -122,7 +124,7 @@ class Engine:
         from vlm import build_inputs
         from vlm.contract import check_context
 
-        inputs = build_inputs(self.vlm, [job.image], [job.question], job.system)
+        inputs = build_inputs(self.vlm, [job.image], [job.question], job.system, job.history)
         n = int(inputs.attention_mask.sum())
         return check_context(n, job.max_new_tokens, self.vlm.max_positions, fit=job.fit_context), inputs
 
@@ -192,7 +194,8 @@ class Engine:
         with self.lock:
             t_lock = time.perf_counter()
             if inputs is None:
-                inputs = build_inputs(self.vlm, [j.image for j in jobs], [j.question for j in jobs], first.system)
+                images, questions = [j.image for j in jobs], [j.question for j in jobs]
+                inputs = build_inputs(self.vlm, images, questions, first.system, first.history)
             prompt_tokens = inputs.attention_mask.sum(-1).tolist()
             sampling = SamplingParams(
                 max_new_tokens=budget, temperature=first.temperature, top_p=first.top_p, seed=first.seed

@@ -219,10 +219,41 @@ def test_messages_that_llava_cannot_take(client):
     assert "exactly one image" in err(client.post("/v1/chat/completions", json=two), 400)["message"]
     none = {"messages": [{"role": "user", "content": "hi"}]}
     assert "exactly one image" in err(client.post("/v1/chat/completions", json=none), 400)["message"]
-    multi = body()
-    multi["messages"] += [{"role": "assistant", "content": "Yes"}, {"role": "user", "content": "Sure?"}]
-    assert "one user turn" in err(client.post("/v1/chat/completions", json=multi), 400)["message"]
     assert "<image>" in err(client.post("/v1/chat/completions", json=body("what <image> is")), 400)["message"]
+    user = body()["messages"][0]
+    cases = [
+        ([{"role": "assistant", "content": "Hi"}, user], "alternate"),
+        ([user, {"role": "assistant", "content": "Yes"}], "end with a user message"),
+        ([user, {"role": "user", "content": "Sure?"}], "alternate"),
+        ([user, {"role": "assistant", "content": "Yes"}, user], "first user message"),
+        ([user, {"role": "system", "content": "late"}], "before the conversation"),
+    ]
+    for messages, words in cases:
+        e = err(client.post("/v1/chat/completions", json={"messages": messages}), 400)
+        assert words in e["message"], (words, e)
+
+
+def test_a_multi_turn_conversation_is_answered_as_the_library_does(client, backend):
+    """System prompt, a first user turn with the image, the assistant's answer, a follow-up question."""
+    from vlm import SamplingParams, build_inputs, generate
+
+    history = (("user", "Is there a red circle in the image?"), ("assistant", "Yes"))
+    messages = [
+        {"role": "system", "content": "A chat about one image."},
+        body(history[0][1])["messages"][0],
+        {"role": "assistant", "content": history[1][1]},
+        {"role": "user", "content": [{"type": "text", "text": "Describe the image."}]},
+    ]
+    j = ok(client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 20}))
+    vlm = backend.vlm.engine.vlm
+    inputs = build_inputs(
+        vlm, [Image.open(SCENE).convert("RGB")], ["Describe the image."], "A chat about one image.", history
+    )
+    ref = generate(vlm, inputs, SamplingParams(max_new_tokens=20))[0]
+    assert j["choices"][0]["message"]["content"] == ref.text
+    assert j["usage"]["prompt_tokens"] == int(inputs.attention_mask.sum())
+    solo_turn = ok(client.post("/v1/chat/completions", json=body("Describe the image.", max_tokens=20)))
+    assert j["usage"]["prompt_tokens"] > solo_turn["usage"]["prompt_tokens"]  # the history is in the prompt
 
 
 def test_images_refused_with_the_right_status(client, image_root):

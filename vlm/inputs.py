@@ -79,19 +79,32 @@ def tiles_view(vlm: VLM, original_size: tuple[int, int], positions: list[int], t
     return anyres_view(original_size, pinpoints, tile_size, patch, positions[n_base:])
 
 
-def chat_prompt(vlm: VLM, question: str, system: str | None = None) -> str:
-    """The checkpoint's chat template applied to one user turn with one image."""
+Turn = tuple[str, str]  # (role "user" | "assistant", text)
+
+
+def chat_prompt(vlm: VLM, question: str, system: str | None = None, history: tuple[Turn, ...] = ()) -> str:
+    """The checkpoint's chat template applied to a conversation with one image: `history` (earlier user /
+    assistant turns, starting with a user turn, which carries the image) and then `question`, the user
+    turn to answer (which carries the image when there is no history)."""
     messages = []
     if system:
         messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
-    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
+    turns = [*history, ("user", question)]
+    for i, (role, text) in enumerate(turns):
+        content = [{"type": "text", "text": text}]
+        messages.append({"role": role, "content": [{"type": "image"}, *content] if i == 0 else content})
     return vlm.processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def build_inputs(
-    vlm: VLM, images: list[ImageLike] | ImageLike, questions: list[str] | str, system: str | None = None
+    vlm: VLM,
+    images: list[ImageLike] | ImageLike,
+    questions: list[str] | str,
+    system: str | None = None,
+    history: tuple[Turn, ...] = (),
 ) -> VLMInputs:
-    """Tokenize a batch of (image, question) pairs, left padded, on the model's device.
+    """Tokenize a batch of (image, question) pairs, left padded, on the model's device. `history`: earlier
+    turns of the conversation (shared by the batch; see `chat_prompt`).
 
     Raises:
         ImageError: an image cannot be read (see `vlm.images`).
@@ -105,10 +118,12 @@ def build_inputs(
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     reserved = vlm.reserved_tokens
-    for q in questions:
+    if history and (history[0][0] != "user" or any(r not in ("user", "assistant") for r, _ in history)):
+        raise ValueError("history: user / assistant turns, starting with a user turn")
+    for q in [*questions, *(t for _, t in history)]:
         check_question(q, reserved)
     pil = [load_image(im) for im in images]
-    texts = [chat_prompt(vlm, q, system) for q in questions]
+    texts = [chat_prompt(vlm, q, system, history) for q in questions]
     enc = vlm.processor(images=pil, text=texts, return_tensors="pt", padding=True)
     ids = enc["input_ids"]
     pix = enc["pixel_values"]
