@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from lucid.segment_cmd import SAM_HELP
 from vlm.errors import InputError
 
 
@@ -26,7 +27,7 @@ def register(app: typer.Typer) -> None:
             int | None, typer.Option(min=0, max=65535, help="Port (default 8000, or the config's).")
         ] = None,
         model: Annotated[str | None, typer.Option(help="'testbed' or a local llava-hf checkpoint directory.")] = None,
-        sam: Annotated[str | None, typer.Option(help="'testbed', a SAM .pth or an HF SAM directory.")] = None,
+        sam: Annotated[str | None, typer.Option(help=SAM_HELP)] = None,
         image_root: Annotated[Path | None, typer.Option(help="Serve local image paths under this directory.")] = None,
         address: Annotated[
             str | None, typer.Option(help="Join a running Ray cluster (auto or HOST:PORT) instead of starting one.")

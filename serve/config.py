@@ -40,7 +40,7 @@ class AppConfig(BaseModel):
 
     model: str = Field("testbed", description="'testbed' or a local llava-hf checkpoint directory")
     model_name: str | None = Field(None, description="the id clients send as `model` (default: the checkpoint's name)")
-    sam: str = Field("testbed", description="SAM for /v1/segment and masks: 'testbed', a SAM .pth or an HF dir")
+    sam: str = Field("testbed", description="SAM for /v1/segment: testbed, vit_b|vit_l|vit_h:PATH, hf:DIR or DIR")
     device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:N' (default: cuda if the replica has a GPU)")
     vlm_replicas: int = Field(1, ge=1, le=64)
     vlm_cpus: float = Field(1.0, gt=0, description="CPUs reserved per VLM replica (also its torch threads)")
