@@ -78,18 +78,23 @@ def run_server(cfg, host: str, port: int, address: str | None = None, ready: thr
     from serve.app import build_app, cpus_needed
 
     t0 = time.perf_counter()
-    if address:
-        from evals.job import ray_auth
+    try:
+        if address:
+            from evals.job import ray_auth
 
-        ray_auth()
-        ctx = ray.init(address=address, log_to_driver=False)
-    else:
-        ctx = ray.init(
-            num_cpus=os.cpu_count(),
-            include_dashboard=cfg.evals,
-            dashboard_host="127.0.0.1",
-            log_to_driver=False,
-        )
+            ray_auth()
+            ctx = ray.init(address=address, log_to_driver=False)
+        else:
+            ctx = ray.init(
+                num_cpus=os.cpu_count(),
+                include_dashboard=cfg.evals,
+                dashboard_host="127.0.0.1",
+                log_to_driver=False,
+            )
+    except Exception as e:  # Ray's own refusal (an unreachable address, an auth token it cannot read, ...)
+        first = " ".join(str(e).split())[:400] or type(e).__name__
+        where = f"join the Ray cluster at {address}" if address else "start Ray"
+        raise InputError(f"could not {where}: {type(e).__name__}: {first}") from None
     stop = threading.Event()
     try:
         have = ray.cluster_resources().get("CPU", 0)

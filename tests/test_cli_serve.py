@@ -79,3 +79,16 @@ def test_more_cpus_than_the_cluster_has(tmp_path):
         port = s.getsockname()[1]
     cfg = config(tmp_path, {"vlm_replicas": 8, "vlm_cpus": 1, "evals": False}, {"host": "127.0.0.1", "port": port})
     one_error(run("--config", str(cfg)), "needs 8.75 CPUs", "lower the replicas")
+
+
+def test_ray_refusing_to_start_is_one_line(tmp_path):
+    """Ray's own refusal (here: RAY_AUTH_TOKEN_PATH names a file that does not exist) is reported, not
+    raised as a traceback."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [LUCID, "serve", "--port", str(port)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    one_error(proc, "could not start Ray", "RAY_AUTH_TOKEN_PATH")
