@@ -520,6 +520,13 @@ def ray_auth() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # for child processes (e.g. the job's own ray.init)
 
 
+def ray_refusal(e: Exception, address: str | None) -> str:
+    """One line for Ray refusing to start or to let us join (for `lucid eval` and `lucid serve`)."""
+    first = " ".join(str(e).split())[:400] or type(e).__name__
+    where = f"join the Ray cluster at {address}" if address else "start Ray"
+    return f"could not {where}: {type(e).__name__}: {first}"
+
+
 def _ray_init(spec: JobSpec, log) -> bool:
     """Connect to `spec.address` (or the cluster of a submitted job), or start a local instance.
     Returns whether this call connected (and so must shut down)."""
@@ -530,11 +537,14 @@ def _ray_init(spec: JobSpec, log) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = spec.address or os.environ.get("RAY_ADDRESS")
     t = time.perf_counter()
-    if address:
-        ray_auth()
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        if address:
+            ray_auth()
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    except Exception as e:  # Ray's own refusal (an unreachable address, an auth token it cannot read, ...)
+        raise JobError(ray_refusal(e, address)) from None
     log(f"ray: {'joined ' + address if address else 'local instance started'} ({time.perf_counter() - t:.1f} s)")
     return True
 

@@ -92,9 +92,9 @@ def run_server(cfg, host: str, port: int, address: str | None = None, ready: thr
                 log_to_driver=False,
             )
     except Exception as e:  # Ray's own refusal (an unreachable address, an auth token it cannot read, ...)
-        first = " ".join(str(e).split())[:400] or type(e).__name__
-        where = f"join the Ray cluster at {address}" if address else "start Ray"
-        raise InputError(f"could not {where}: {type(e).__name__}: {first}") from None
+        from evals.job import ray_refusal
+
+        raise InputError(ray_refusal(e, address)) from None
     stop = threading.Event()
     try:
         have = ray.cluster_resources().get("CPU", 0)

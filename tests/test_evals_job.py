@@ -216,6 +216,23 @@ def test_bad_input_is_one_line(tmp_path, args, match):
     assert len(lines) == 1 and match in lines[0], proc.stderr[-2000:]
 
 
+def test_ray_refusing_to_start_is_one_line(tmp_path):
+    import os
+
+    env = {**os.environ, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing"), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run(
+        [*LUCID, "eval", "--suite", "testbed-pope:n=2", "--limit", "1", "--workers", "1", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("lucid: error:")]
+    assert len(lines) == 1 and "could not start Ray" in lines[0] and "Traceback" not in proc.stderr
+
+
 def test_list_suites():
     proc = lucid("eval", "--list")
     assert proc.returncode == 0
