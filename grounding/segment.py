@@ -78,7 +78,7 @@ def decode_rle(rle: dict) -> np.ndarray:
     return coco.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
 
 
-def _object(label: str, prompt: SamPrompt, res: SamMasks, source: str, location=None) -> SegmentedObject:
+def segmented_object(label: str, prompt: SamPrompt, res: SamMasks, source: str, location=None) -> SegmentedObject:
     i = res.best
     pts = tuple((float(x), float(y), int(lab)) for (x, y), lab in zip(prompt.points, prompt.labels))
     return SegmentedObject(
@@ -108,22 +108,30 @@ def segment_prompts(
     labels = tuple(int(lab) for _, _, lab in points)
     prompts = [SamPrompt(pts, labels, tuple(float(v) for v in b)) for b in boxes] or [SamPrompt(pts, labels)]
     results = segmenter.segment(image, prompts)
-    return [_object(f"prompt {i}", p, r, "prompt") for i, (p, r) in enumerate(zip(prompts, results))]
+    return [segmented_object(f"prompt {i}", p, r, "prompt") for i, (p, r) in enumerate(zip(prompts, results))]
+
+
+def located_prompt(
+    point: Sequence[float], box: Sequence[float], size: tuple[int, int], how: str = "point"
+) -> SamPrompt:
+    """The SAM prompt made from a located peak `point` and `box` in an image of `size` (w, h) (see the module
+    doc for `how`); the point becomes the pixel under it."""
+    if how not in ATTENTION_PROMPTS:
+        raise PromptError(f"attention prompt must be one of {', '.join(ATTENTION_PROMPTS)}, got {how!r}")
+    x, y = point
+    w, h = size
+    pixel = ((min(float(np.floor(x)), w - 1.0), min(float(np.floor(y)), h - 1.0)),)
+    box = tuple(float(v) for v in box)
+    if how == "point":
+        return SamPrompt(pixel, (1,))
+    if how == "box":
+        return SamPrompt(box=box)
+    return SamPrompt(pixel, (1,), box)
 
 
 def attention_prompt(location, how: str = "point") -> SamPrompt:
-    """The SAM prompt made from a `Location` (see the module doc for `how`)."""
-    if how not in ATTENTION_PROMPTS:
-        raise PromptError(f"attention prompt must be one of {', '.join(ATTENTION_PROMPTS)}, got {how!r}")
-    x, y = location.point
-    w, h = location.layout.geometry.original_size
-    point = ((min(float(np.floor(x)), w - 1.0), min(float(np.floor(y)), h - 1.0)),)  # the pixel under the point
-    box = tuple(float(v) for v in location.box)
-    if how == "point":
-        return SamPrompt(point, (1,))
-    if how == "box":
-        return SamPrompt(box=box)
-    return SamPrompt(point, (1,), box)
+    """The SAM prompt made from a `Location` (see `located_prompt`)."""
+    return located_prompt(location.point, location.box, location.layout.geometry.original_size, how)
 
 
 def segment_query(
@@ -145,6 +153,8 @@ def segment_query(
     prompts = [attention_prompt(loc, how) for loc in locations]
     results = segmenter.segment(image, prompts)
     t2 = time.perf_counter()
-    objects = [_object(q, p, r, "attention", loc) for q, p, r, loc in zip(queries, prompts, results, locations)]
+    objects = [
+        segmented_object(q, p, r, "attention", loc) for q, p, r, loc in zip(queries, prompts, results, locations)
+    ]
     timings = {"locate_s": t1 - t0, "sam_s": t2 - t1, **{f"sam_{k}_s": v for k, v in segmenter.timings.items()}}
     return objects, timings

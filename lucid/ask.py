@@ -68,6 +68,37 @@ def _shares(flat: np.ndarray, n: int) -> np.ndarray:
     return v / v.sum() if v.sum() > 0 else np.full(n, 1.0 / n)
 
 
+def answer_recorder(
+    heads: Sequence[Head] | None, risk: RiskModel | None = None, attention_layers: list[int] | None = None
+) -> AttentionRecorder:
+    """The recorder an answer's attention map needs (and, with `risk`, the risk score too: one recorder
+    feeds both): the chosen heads' layers unreduced, or `attention_layers` (None: all) as head means."""
+    rows = "all" if risk is not None and risk.use_prompt else "last"
+    layers = attention_layers if heads is None else sorted({layer for layer, _ in heads})
+    if risk is not None and layers is not None:
+        layers = sorted(set(layers) | set(risk.layers))
+    return AttentionRecorder(layers=layers, prefill_rows=rows, reduce_heads="mean" if heads is None else None)
+
+
+def answer_grid(
+    recorder: AttentionRecorder,
+    gen: Generation,
+    prompt_len: int,
+    heads: Sequence[Head] | None,
+    row: int = 0,
+    attention_layers: list[int] | None = None,
+) -> np.ndarray:
+    """Batch row `row`'s answer map from `answer_recorder`'s recording: [rows, cols] shares summing to 1.
+    `prompt_len`: the batch's padded prompt length."""
+    start = prompt_len - 1 if recorder.prefill_rows == "all" else 0
+    n = len(gen.token_ids)
+    if heads is None:
+        flat = answer_attention(recorder, n, row, attention_layers, start)
+    else:
+        flat = head_attention(recorder, n, heads, row, start)
+    return _shares(flat, gen.layout.n_tokens).reshape(gen.layout.grid)
+
+
 def resolve_heads(vlm: VLM, attention_heads: str | Sequence[Head]) -> tuple[Head, ...] | None:
     """The heads an attention map combines: None for "all" (the mean over layers and heads); for "auto" the
     cached or discovered localization heads (`grounding.load_or_discover`); for "L:H,L:H" or [(l, h), ...]
@@ -120,22 +151,9 @@ def ask(
     fitted = check_context(prompt_tokens, sampling.max_new_tokens, vlm.max_positions, fit=fit_context)
     if fitted != sampling.max_new_tokens:
         sampling = replace(sampling, max_new_tokens=fitted)
-    recorder = None
-    if attention:
-        rows = "all" if risk is not None and risk.use_prompt else "last"
-        reduce = "mean" if heads is None else None
-        layers = attention_layers if heads is None else sorted({layer for layer, _ in heads})
-        if risk is not None:  # one recorder feeds both the map and the risk score
-            layers = None if layers is None else sorted(set(layers) | set(risk.layers))
-        recorder = AttentionRecorder(layers=layers, prefill_rows=rows, reduce_heads=reduce)
+    recorder = answer_recorder(heads, risk, attention_layers) if attention else None
     gen = generate(vlm, inputs, sampling, plan=plan, recorder=recorder, methods=methods, risk=risk)[0]
     grid = None
     if recorder is not None:
-        layout = gen.layout
-        start = inputs.input_ids.shape[1] - 1 if recorder.prefill_rows == "all" else 0
-        if heads is None:
-            flat = answer_attention(recorder, len(gen.token_ids), 0, attention_layers, start)
-        else:
-            flat = head_attention(recorder, len(gen.token_ids), heads, 0, start)
-        grid = _shares(flat, layout.n_tokens).reshape(layout.grid)
+        grid = answer_grid(recorder, gen, inputs.input_ids.shape[1], heads, 0, attention_layers)
     return Answer(gen, grid, heads, sampling)

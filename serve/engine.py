@@ -183,8 +183,7 @@ class Engine:
         return res
 
     def _run_group(self, jobs: list[ChatJob], budget: int, on_token=None, inputs=None) -> list[dict]:
-        from lucid.ask import answer_attention, head_attention, resolve_heads
-        from mitigation import AttentionRecorder
+        from lucid.ask import answer_grid, answer_recorder, resolve_heads
         from mitigation.methods import parse_methods
         from vlm import SamplingParams, build_inputs, generate
 
@@ -201,15 +200,7 @@ class Engine:
                 max_new_tokens=budget, temperature=first.temperature, top_p=first.top_p, seed=first.seed
             )
             heads = resolve_heads(self.vlm, first.heads) if first.heatmap else None
-            recorder = None
-            if first.heatmap:
-                rows = "all" if self.risk is not None and self.risk.use_prompt else "last"
-                layers = None if heads is None else sorted({layer for layer, _ in heads})
-                if self.risk is not None and layers is not None:
-                    layers = sorted(set(layers) | set(self.risk.layers))
-                recorder = AttentionRecorder(
-                    layers=layers, prefill_rows=rows, reduce_heads="mean" if heads is None else None
-                )
+            recorder = answer_recorder(heads, self.risk) if first.heatmap else None
             gens = generate(
                 self.vlm, inputs, sampling, recorder=recorder, methods=methods, risk=self.risk, on_token=on_token
             )
@@ -226,18 +217,8 @@ class Engine:
                     "timings": {**gen.timings.to_dict(), "queued_s": round(t_lock - t0, 6), "batch_size": len(jobs)},
                 }
                 if recorder is not None:
-                    start = inputs.input_ids.shape[1] - 1 if recorder.prefill_rows == "all" else 0
-                    n = len(gen.token_ids)
-                    flat = (
-                        answer_attention(recorder, n, b, None, start)
-                        if heads is None
-                        else head_attention(recorder, n, heads, b, start)
-                    )
-                    lay = gen.layout
-                    v = np.clip(np.asarray(flat[: lay.n_tokens], dtype=np.float64), 0, None)
-                    v = v / v.sum() if v.sum() > 0 else np.full(lay.n_tokens, 1.0 / lay.n_tokens)
-                    res["_grid"] = v.reshape(lay.grid)
-                    res["_layout"] = lay
+                    res["_grid"] = answer_grid(recorder, gen, inputs.input_ids.shape[1], heads, b)
+                    res["_layout"] = gen.layout
                     res["attention_heads"] = None if heads is None else [list(h) for h in heads]
                 results.append(res)
             for job, res in zip(jobs, results):
@@ -269,7 +250,6 @@ class Engine:
 
     def _locate(self, image: np.ndarray, queries: list[str]) -> list[dict]:
         from grounding.locate import LocateParams, locate_batch
-        from grounding.segment import attention_prompt
 
         t = time.perf_counter()
         locs = locate_batch(self.vlm, [image] * len(queries), queries, self.selection, LocateParams())
@@ -277,9 +257,8 @@ class Engine:
         out = []
         for loc in locs:
             d = loc.to_json()
-            p = attention_prompt(loc, "point")
-            d["sam_prompt"] = {"points": [[x, y, lab] for (x, y), lab in zip(p.points, p.labels)], "box": None}
-            d["sam_prompt_box"] = [round(float(v), 2) for v in loc.box]
+            # unrounded, for the SAM prompt (grounding.segment.located_prompt) the SAM replica makes
+            d["sam_input"] = {"point": [float(v) for v in loc.point], "box": [float(v) for v in loc.box]}
             d["locate_s"] = round(dt, 6)
             out.append(d)
         return out

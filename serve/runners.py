@@ -112,28 +112,17 @@ class SamRunner:
         return {"objects": [o.to_json() for o in objects], "timings": _round(timings)}
 
     def _located(self, image: np.ndarray, located: list[dict], how: str) -> dict:
-        from grounding.sam import SamPrompt
-        from grounding.segment import _object
+        from grounding.segment import located_prompt, segmented_object
 
-        prompts = []
-        for loc in located:
-            pts = tuple((float(x), float(y)) for x, y, _ in loc["sam_prompt"]["points"])
-            labels = tuple(int(lab) for *_, lab in loc["sam_prompt"]["points"])
-            box = tuple(float(v) for v in loc["sam_prompt_box"])
-            prompts.append(
-                SamPrompt(pts, labels)
-                if how == "point"
-                else SamPrompt(box=box)
-                if how == "box"
-                else SamPrompt(pts, labels, box)
-            )
+        h, w = image.shape[:2]
+        prompts = [located_prompt(loc["sam_input"]["point"], loc["sam_input"]["box"], (w, h), how) for loc in located]
         with self.lock:
             t = time.perf_counter()
             results = self.segmenter.segment(image, prompts) if prompts else []
             timings = {"sam_s": time.perf_counter() - t, **{f"sam_{k}_s": v for k, v in self.segmenter.timings.items()}}
         objects = []
         for loc, p, r in zip(located, prompts, results):
-            d = _object(loc["query"], p, r, "attention").to_json()
+            d = segmented_object(loc["query"], p, r, "attention").to_json()
             d["location"] = {k: loc[k] for k in ("box", "point", "score", "heads")}
             objects.append(d)
         return {"objects": objects, "timings": _round(timings)}
