@@ -359,23 +359,32 @@ def _record(cell: Cell, sample: Sample, reply: dict, batch_len: int) -> dict:
     }
 
 
-def _progress(spec: JobSpec, done: int, total: int, state: str) -> None:
+class _Progress:
     """OUT/progress.json: {"done", "total", "state", "updated"} (read by the REST API's GET /v1/evals/{id}),
     replaced atomically; at most every 0.5 s while running."""
-    if spec.out is None:
-        return
-    now = time.time()
-    if state == "running" and 0 < done < total and now - _progress.last < 0.5:  # type: ignore[attr-defined]
-        return
-    _progress.last = now  # type: ignore[attr-defined]
-    path = Path(spec.out) / "progress.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"done": done, "total": total, "state": state, "updated": now}))
-    os.replace(tmp, path)
 
+    def __init__(self, out: Path | None, done: int, total: int) -> None:
+        self.path = None if out is None else Path(out) / "progress.json"
+        self.done, self.total = done, total
+        self.last = 0.0
+        self.write()
 
-_progress.last = 0.0  # type: ignore[attr-defined]
+    def advance(self, n: int) -> None:
+        self.done += n
+        self.write()
+
+    def write(self, state: str = "running") -> None:
+        done = self.done
+        if self.path is None:
+            return
+        now = time.time()
+        if state == "running" and 0 < done < self.total and now - self.last < 0.5:
+            return
+        self.last = now
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"done": done, "total": self.total, "state": state, "updated": now}))
+        os.replace(tmp, self.path)
 
 
 def _log(msg: str) -> None:
@@ -397,8 +406,7 @@ def run_job(spec: JobSpec, plan: Plan | None = None, log: Callable[[str], None] 
     if resumed:
         log(f"resuming: {resumed} of {total} samples already answered in {spec.out}")
     runs: list[dict] = []
-    done = {"n": resumed}
-    _progress(spec, done["n"], total, "running")
+    progress = _Progress(spec.out, resumed, total)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not spec.progress) as bar:
         tasks = [
@@ -416,8 +424,7 @@ def run_job(spec: JobSpec, plan: Plan | None = None, log: Callable[[str], None] 
             for r in new:
                 cell.done[r["id"]] = r
             bar.advance(tasks[batch.cell], len(new))
-            done["n"] += len(new)
-            _progress(spec, done["n"], total, "running")
+            progress.advance(len(new))
 
         ray_started = False
         try:
@@ -441,7 +448,7 @@ def run_job(spec: JobSpec, plan: Plan | None = None, log: Callable[[str], None] 
     from evals.report import write_results
 
     results = write_results(plan, runs)
-    _progress(spec, done["n"], total, "finished")
+    progress.write("finished")
     return results
 
 
