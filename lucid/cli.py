@@ -146,10 +146,9 @@ METHOD_HELP = "A mitigation method NAME[:k=v,...] (repeatable, composes in order
 
 def _risk_model(vlm):
     """The checkpoint's fitted risk model (`lucid_risk.json` beside its weights), or None."""
-    from mitigation.risk import RISK_FILE, RiskModel
+    from mitigation.risk import RiskModel
 
-    path = Path(vlm.path) / RISK_FILE
-    return RiskModel.load(path) if path.is_file() else None
+    return RiskModel.for_checkpoint(vlm.path)
 
 
 def _load_model(model: str, device: str | None = None):

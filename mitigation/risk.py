@@ -162,6 +162,12 @@ class RiskModel:
     def load(cls, path: str | Path) -> RiskModel:
         return cls.from_json(Path(path).read_text())
 
+    @classmethod
+    def for_checkpoint(cls, checkpoint: str | Path) -> RiskModel | None:
+        """The risk model fitted for a checkpoint (`RISK_FILE` beside its weights), or None."""
+        path = Path(checkpoint) / RISK_FILE
+        return cls.load(path) if path.is_file() else None
+
 
 def fit_risk(
     features: np.ndarray,

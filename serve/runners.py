@@ -29,15 +29,14 @@ class VlmRunner:
         import torch
 
         from lucid.cli import _quiet
-        from mitigation.risk import RISK_FILE, RiskModel
+        from mitigation.risk import RiskModel
         from vlm import load_vlm
 
         _quiet()
         torch.set_num_threads(cfg.torch_threads)
         t = time.perf_counter()
         vlm = load_vlm(cfg.model, device=cfg.device)
-        risk_path = vlm.path / RISK_FILE
-        self.engine = Engine(vlm, RiskModel.load(risk_path) if risk_path.is_file() else None)
+        self.engine = Engine(vlm, RiskModel.for_checkpoint(vlm.path))
         self.load_s = time.perf_counter() - t
         self.model_id = cfg.model_name or vlm.name
 
