@@ -46,18 +46,13 @@ def _body(q: str) -> dict:
     return {"messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0}
 
 
-def _boot(values: list[float], q: float = 50, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    v = np.asarray(values, dtype=float)
-    stats = np.percentile(v[np.random.default_rng(seed).integers(0, len(v), (n, len(v)))], q, axis=1)
-    return float(np.percentile(v, q)), float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
-
-
 def measure(rounds: int, n_load: int, levels: tuple[int, ...], wait: float = 0.002) -> dict:
     import httpx
     import ray
     import torch
     from ray import serve
 
+    from lucid.bench import bootstrap_median
     from serve.app import build_app
     from serve.config import AppConfig
     from serve.engine import ChatJob
@@ -108,12 +103,12 @@ def measure(rounds: int, n_load: int, levels: tuple[int, ...], wait: float = 0.0
                         lib_ms.append(t[1])
                         over.append(t[0] - t[1])
                     out.setdefault("overhead", {})[batching] = {
-                        "http": _boot(http_ms),
-                        "library": _boot(lib_ms),
-                        "diff": _boot(over),
-                        "ingress_wait": _boot(inner),  # the ingress's await of the VLM replica
-                        "generate_http": _boot(gen_http),  # generate() inside the replica
-                        "generate_lib": _boot(gen_lib),
+                        "http": bootstrap_median(http_ms),
+                        "library": bootstrap_median(lib_ms),
+                        "diff": bootstrap_median(over),
+                        "ingress_wait": bootstrap_median(inner),  # the ingress's await of the VLM replica
+                        "generate_http": bootstrap_median(gen_http),  # generate() inside the replica
+                        "generate_lib": bootstrap_median(gen_lib),
                     }
             for clients in levels:
                 lat: list[float] = []
