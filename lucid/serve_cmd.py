@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         run_server(cfg, host or http.host, http.port if port is None else port, address)
 
 
-def run_server(cfg, host: str, port: int, address: str | None = None, ready: threading.Event | None = None) -> None:
+def run_server(cfg, host: str, port: int, address: str | None = None) -> None:
     """Start Ray (or join `address`), Serve on host:port and the app; block until SIGINT/SIGTERM."""
     import socket
 
@@ -120,8 +120,6 @@ def run_server(cfg, host: str, port: int, address: str | None = None, ready: thr
         sys.stdout.flush()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        if ready is not None:
-            ready.set()
         while not stop.is_set():
             stop.wait(0.5)
         typer.echo("lucid serve: stopping", err=True)
