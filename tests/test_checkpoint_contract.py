@@ -118,6 +118,9 @@ BROKEN = [
     ("generation-config-list", _write("generation_config.json", "[]"), r"generation_config.json must be a JSON object"),
     ("norm-eps-nan", _edit_json("config.json", lambda c: c["text_config"].update(rms_norm_eps=-1e30)),
      r"NaN/inf logits on a probe"),
+    # Llama's defaults (6.7 B parameters) would be allocated before the weights could be compared
+    ("text-config-emptied", _edit_json("config.json", lambda c: c.update(text_config={})),
+     r"describes a model of 6,\d{3},\d{3},\d{3} parameters but the weights hold"),
     ("missing-config", _remove("config.json"), r"missing: config.json"),
     ("missing-weights", _remove("model.safetensors"), r"missing: weights"),
     ("missing-tokenizer", _remove("tokenizer.json"), r"missing: tokenizer"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,7 @@ def load_vlm(
     info = inspect_checkpoint(source)
     path, kind = info.path, info.kind
     dev, dt = default_device_dtype(device, dtype)
+    _check_size(path, kind)
     try:
         model, report = _MODEL_CLASSES[kind].from_pretrained(
             path,
@@ -186,6 +188,38 @@ def load_vlm(
     _probe(path, kind, model, processor)
     mitigation.install_hidden_capture(model.model.language_model)
     return VLM(model=model, processor=processor, source=str(source), path=path, kind=kind, device=dev, dtype=dt)
+
+
+def _check_size(path: Path, kind: str) -> None:
+    """Refuse a config.json that describes a model far larger than its weights before building it: loading
+    initialises every weight the files lack or have in another shape (ignore_mismatched_sizes), so a
+    config.json whose `text_config` lost its sizes (Llama's defaults: 6.7 B parameters) would allocate tens
+    of GB before `_check_report` could name the mismatch. The model is built on the meta device (no memory)
+    and its parameter count compared with the tensors stored in the safetensors files (2x margin: tied or
+    shared weights are stored once)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return  # other weight formats: transformers' own loading (and _check_report) decide
+    cls = _MODEL_CLASSES[kind]
+    try:
+        config = cls.config_class.from_pretrained(path, local_files_only=True)
+        with torch.device("meta"):
+            meta = cls._from_config(config)
+    except _LOAD_ERRORS as e:
+        raise CheckpointError(f"{path}: config.json does not describe a {kind} model: {_first_line(e)}") from None
+    want = sum(p.numel() for p in meta.parameters())
+    from safetensors import safe_open
+
+    have = 0
+    for f in files:
+        with safe_open(str(f), framework="numpy") as st:
+            for k in st.keys():
+                have += math.prod(st.get_slice(k).get_shape())
+    if want > 2 * have + 1_000_000:
+        raise CheckpointError(
+            f"{path}: config.json describes a model of {want:,} parameters but the weights hold {have:,}: "
+            "config.json does not belong to these weights (check text_config / vision_config sizes)"
+        )
 
 
 def _check_report(path: Path, report: dict) -> None:
