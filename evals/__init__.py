@@ -7,5 +7,5 @@ matrix on Ray actors, resumable per-sample records, and a report with intervals 
     evals.metrics  aggregations, bootstrap intervals, paired tests
     evals.parse    the POPE answer parser
 
-`lucid eval` (lucid/eval_cmd.py) is the command line.
+`lucid eval` (lucid/cli/eval_cmd.py) is the command line.
 """

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.suites import Data, Sample, Suite, build, limit_per_split
-from vlm.errors import InputError
+from lucid.errors import InputError
 
 BASELINE = "baseline"
 MAX_IN_FLIGHT = 2  # batches queued per worker: the next batch is ready when one returns
@@ -147,39 +147,9 @@ def parse_method_set(text: str | tuple | list) -> tuple[str, list[dict]]:
     return "+".join(m.label for m in methods), [m.to_json() for m in methods]
 
 
-def weights_sha256(path: Path, cache: Path | None = None) -> str:
-    """sha256 over the checkpoint's weight files (names and bytes), as `VLM.weights_hash`; cached in
-    `cache` (a JSON file) by file names, sizes and mtimes."""
-    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
-    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    known = {}
-    if cache is not None and cache.is_file():
-        try:
-            known = json.loads(cache.read_text())
-        except (OSError, json.JSONDecodeError):
-            known = {}
-    entry = known.get(str(path))
-    if entry and entry.get("stamp") == stamp:
-        return entry["sha256"]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    digest = h.hexdigest()
-    if cache is not None:
-        known[str(path)] = {"stamp": stamp, "sha256": digest}
-        try:
-            cache.write_text(json.dumps(known, indent=1))
-        except OSError:
-            pass
-    return digest
-
-
 def make_plan(spec: JobSpec) -> Plan:
     """Everything checked, nothing started (see the module docstring)."""
-    from vlm.checkpoint import TESTBED, inspect_checkpoint
+    from vlm.checkpoint import TESTBED, inspect_checkpoint, weights_hash
 
     if not spec.suites:
         raise JobError("no suite given: --suite NAME (see `lucid eval --list`)")
@@ -215,11 +185,10 @@ def make_plan(spec: JobSpec) -> Plan:
         sample_lists.append(samples)
     if spec.out is not None:
         spec.out.mkdir(parents=True, exist_ok=True)
-    cache = spec.out / ".weights_sha256.json" if spec.out is not None else None
     models = []
     for m, info in infos.items():
         name = TESTBED if m == TESTBED else info.path.name
-        models.append(Model(m, name, info.path, weights_sha256(info.path, cache)))
+        models.append(Model(m, name, info.path, weights_hash(info.path)))
     if len({m.name for m in models}) != len(models):
         raise JobError("two --model directories have the same name; the results are keyed by name")
     cells = []

@@ -1,6 +1,6 @@
 """Calibration sets for head discovery: (image, referring phrase) pairs with a stable name.
 
-Two builders: the testbed's shapes world (scenes from `testbed.world.scenes`, one phrase "the {colour}
+Two builders: the testbed's shapes world (scenes from `testbed.world.scenes.scenes`, one phrase "the {colour}
 {shape}" per object whose category is unique in its scene) and a folder described by a JSON-lines file,
 one object per line: {"image": "photos/dog.jpg", "phrase": "the dog on the left"} (image paths relative
 to the file's directory, or absolute). The name enters the head cache key.
@@ -45,9 +45,9 @@ class CalibrationSet:
 
 
 def calibration_from_testbed(seed: int = TESTBED_SEED, n_scenes: int = TESTBED_SCENES) -> CalibrationSet:
-    """Scenes `testbed.world.scenes(seed, n_scenes, WorldConfig())`; one sample "the {colour} {shape}"
+    """Scenes `testbed.world.scenes.scenes(seed, n_scenes, WorldConfig())`; one sample "the {colour} {shape}"
     per visible object whose category is unique in its scene (a referring phrase names one object)."""
-    from testbed.world import WorldConfig, scenes
+    from testbed.world.scenes import WorldConfig, scenes
 
     samples = []
     for scene in scenes(seed, n_scenes, WorldConfig()):

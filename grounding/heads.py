@@ -26,6 +26,8 @@ from grounding.calibration import TESTBED_SCENES, TESTBED_SEED, CalibrationSet, 
 from grounding.maps import connected_components
 from grounding.readout import ROWS, iter_attention, render_prompt
 from vlm import VLM
+from vlm.checkpoint import cache_root
+from vlm.checkpoint import weights_hash as checkpoint_hash
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ class HeadParams:
 
 
 #: Discovery choices for models of the testbed world, chosen by pointing on the calibration scenes' own
-#: ground truth (`python -m testbed.localization`, split "calibration"); the held-out splits only report.
+#: ground truth (`python -m testbed.studies.localization`, split "calibration"); the held-out splits only report.
 TESTBED_PARAMS = HeadParams(prompt="{query}", rows="query")
 
 
@@ -362,27 +364,9 @@ def parse_heads(text: str) -> tuple[Head, ...]:
 SHIPPED_FILE = "lucid_heads.json"
 
 
-def cache_root() -> Path:
-    """`LUCID_CACHE` or ~/.cache/lucid."""
-    return Path(os.environ.get("LUCID_CACHE", "~/.cache/lucid")).expanduser()
-
-
 def weights_hash(vlm: VLM, cache_dir: str | os.PathLike | None = None) -> str:
-    """`vlm.weights_hash()`, remembered in the cache (`cache_dir` or `LUCID_CACHE`) under the weight files'
-    names, sizes and mtimes, so that a 7B checkpoint is read once, not on every call."""
-    files = sorted(vlm.path.glob("*.safetensors")) + sorted(vlm.path.glob("*.bin"))
-    stat = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = hashlib.sha256(json.dumps([str(vlm.path.resolve()), stat]).encode()).hexdigest()[:24]
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    memo = root / "weights" / f"{key}.txt"
-    if memo.is_file():
-        return memo.read_text().strip()
-    digest = vlm.weights_hash()
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(digest)
-    tmp.replace(memo)
-    return digest
+    """The loaded checkpoint's identity (`vlm.checkpoint.weights_hash`)."""
+    return checkpoint_hash(vlm.path, cache_dir)
 
 
 def cache_path(digest: str, params: HeadParams, calibration: str, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm.errors import CheckpointError, InputError
+from lucid.errors import CheckpointError, InputError
 
 SAM_SPECS = "testbed | vit_b:PATH | vit_l:PATH | vit_h:PATH | hf:DIR | DIR (a saved official-architecture SAM)"
 TESTBED_SAM = Path(__file__).resolve().parent.parent / "testbed" / "weights" / "tiny-sam"

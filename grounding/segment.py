@@ -145,7 +145,7 @@ def segment_query(
 ) -> tuple[list[SegmentedObject], dict[str, float]]:
     """Text queries -> localization heads (`selection`: a `HeadSelection` or (layer, head) pairs) -> SAM.
     Returns the objects and timings (seconds)."""
-    from grounding.locate import LocateParams, locate_batch
+    from grounding.location import LocateParams, locate_batch
 
     t0 = time.perf_counter()
     locations = locate_batch(vlm, [image] * len(queries), list(queries), selection, locate_params or LocateParams())

@@ -215,7 +215,7 @@ def _key_sets(masks: list[torch.Tensor], b: int, device: torch.device) -> tuple[
 
 def default_config(tq: int, dtype: torch.dtype, redistribute: bool) -> dict[str, int]:
     """Block sizes and launch options (chosen by compiling for sm_90 at D = 128 and keeping the larger tiles
-    that ptxas reports no register spills for: `python -m kernels.bench_triton --compile-report`; not timed).
+    that ptxas reports no register spills for: `python -m lucid.bench.kernels --compile-report`; not timed).
 
     Decode-sized calls get 16 query rows (the smallest tile `tl.dot` takes on a GPU); the redistribution's
     two extra [M, D] accumulators get 32-row tiles and 8 warps in prefill; fp32 operands (exact "ieee" dots,

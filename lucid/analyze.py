@@ -232,7 +232,7 @@ def run_analyze(
     out.mkdir(parents=True, exist_ok=True)
     testbed = images is None
     if testbed:
-        from testbed.world import WorldConfig, scenes
+        from testbed.world.scenes import WorldConfig, scenes
 
         images = [s.image for s in scenes(seed, n, WorldConfig())]
     att = collect_attention(vlm, images, cfg, show_progress)
@@ -244,7 +244,7 @@ def run_analyze(
         result["localization_heads"] = selection.to_json()
         pngs["heads"] = plot_head_scores(selection, vlm.n_layers, vlm.n_heads, out / "localization_heads.png")
     if testbed and selection is not None:
-        from testbed.localization import eval_items, run_localization
+        from testbed.studies.localization import eval_items, run_localization
 
         run = run_localization(vlm, eval_items(seed, n, 0), selection)
         table = run.head_table(run.rows)

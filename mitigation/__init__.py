@@ -6,11 +6,11 @@ Public surface: `Plan`, `LayerEdit`, `scope`, `current`, `AttentionRecorder`, `A
 transformers.
 """
 
-from mitigation.attention import ATTN_IMPLEMENTATION, install_hidden_capture, lucid_attention
-from mitigation.context import Active, current, scope
-from mitigation.plan import LayerEdit, Plan, compile_edits
-from mitigation.recorder import AttentionRecorder
-from mitigation.request import CompositionError, Request, prepare
+from mitigation.seam.attention import ATTN_IMPLEMENTATION, install_hidden_capture, lucid_attention
+from mitigation.seam.context import Active, current, scope
+from mitigation.seam.plan import LayerEdit, Plan, compile_edits
+from mitigation.seam.recorder import AttentionRecorder
+from mitigation.seam.request import CompositionError, Request, prepare
 
 __all__ = [
     "ATTN_IMPLEMENTATION",

@@ -29,11 +29,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
+from lucid.errors import ImageError, ImageTooLargeError, InputError
 from serve.config import AppConfig
 from serve.engine import ChatJob
 from serve.metrics import Metrics
 from serve.schemas import ChatRequest, EvalRequest, SegmentRequest, interventions_schema
-from vlm.errors import ImageError, ImageTooLargeError, InputError
 
 log = logging.getLogger("lucid.serve")
 STATIC = Path(__file__).parent / "static"

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from vlm.errors import InputError
+from lucid.errors import InputError
 
 IMPORT_PATH = "serve.app:build_app"
 APP_NAME = "lucid"

@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,21 +96,6 @@ class Engine:
             self._selection = load_or_discover(self.vlm)
         return self._selection
 
-    def default_queries(self, question: str, answer: str) -> tuple[str, ...]:
-        """What to locate when the request names nothing: the testbed's objects the answer (else the
-        question) names, for the embedded model; the question itself for any other checkpoint."""
-        from vlm.checkpoint import TESTBED_DIR
-
-        if Path(self.vlm.path).resolve() == TESTBED_DIR:
-            from testbed.language import mentioned_categories
-
-            for text in (answer, question):
-                found = sorted(mentioned_categories(text))
-                if found:
-                    return tuple(f"the {c} {s}" for c, s in found)
-            return ()
-        return (question,)
-
     # ------------------------------------------------------------------ chat
 
     def check(self, job: ChatJob) -> tuple[int, object]:
@@ -131,7 +115,7 @@ class Engine:
     def run(self, jobs: Sequence[ChatJob]) -> list[dict]:
         """Answer every job; one batched generate per group of jobs sharing a `group_key` and budget. A job
         the model cannot take gets {"error": {"type", "message"}} and costs its neighbours nothing."""
-        from vlm.errors import InputError
+        from lucid.errors import InputError
 
         out: list[dict | None] = [None] * len(jobs)
         groups: dict[tuple[str, int], list[int]] = {}
@@ -183,50 +167,59 @@ class Engine:
         return res
 
     def _run_group(self, jobs: list[ChatJob], budget: int, on_token=None, inputs=None) -> list[dict]:
-        from lucid.ask import answer_grid, answer_recorder, resolve_heads
+        from lucid.answer import answer_batch
         from mitigation.methods import parse_methods
-        from vlm import SamplingParams, build_inputs, generate
+        from vlm import SamplingParams
 
         first = jobs[0]
         methods = parse_methods(list(first.methods))
+        # per row: the phrases to locate (None: the answer's default queries; (): none)
+        locate = [(j.queries if j.locate else ()) for j in jobs] if any(j.locate for j in jobs) else None
         t0 = time.perf_counter()
         with self.lock:
             t_lock = time.perf_counter()
-            if inputs is None:
-                images, questions = [j.image for j in jobs], [j.question for j in jobs]
-                inputs = build_inputs(self.vlm, images, questions, first.system, first.history)
-            prompt_tokens = inputs.attention_mask.sum(-1).tolist()
             sampling = SamplingParams(
                 max_new_tokens=budget, temperature=first.temperature, top_p=first.top_p, seed=first.seed
             )
-            heads = resolve_heads(self.vlm, first.heads) if first.heatmap else None
-            recorder = answer_recorder(heads, self.risk) if first.heatmap else None
-            gens = generate(
-                self.vlm, inputs, sampling, recorder=recorder, methods=methods, risk=self.risk, on_token=on_token
+            answers = answer_batch(
+                self.vlm,
+                [j.image for j in jobs],
+                [j.question for j in jobs],
+                sampling,
+                system=first.system,
+                history=first.history,
+                inputs=inputs,
+                methods=methods,
+                attention=first.heatmap,
+                attention_heads=first.heads,
+                risk=self.risk,
+                locate=locate,
+                selection=self.selection if locate is not None else None,
+                on_token=on_token,
             )
-            results = []
-            for b, gen in enumerate(gens):
-                res: dict[str, Any] = {
-                    "text": gen.text,
-                    "finish_reason": "stop" if gen.finish_reason == "eos" else "length",
-                    "prompt_tokens": int(prompt_tokens[b]),
-                    "completion_tokens": len(gen.token_ids),
-                    "max_new_tokens": budget,
-                    "risk": None if gen.risk is None else round(float(gen.risk), 6),
-                    "methods": [m.to_json() for m in methods],
-                    "timings": {**gen.timings.to_dict(), "queued_s": round(t_lock - t0, 6), "batch_size": len(jobs)},
-                }
-                if recorder is not None:
-                    res["_grid"] = answer_grid(recorder, gen, inputs.input_ids.shape[1], heads, b)
-                    res["_layout"] = gen.layout
-                    res["attention_heads"] = None if heads is None else [list(h) for h in heads]
-                results.append(res)
-            for job, res in zip(jobs, results):
-                if job.locate:
-                    queries = (
-                        job.queries if job.queries is not None else self.default_queries(job.question, res["text"])
-                    )
-                    res["located"] = self._locate(job.image, list(queries)) if queries else []
+            t_done = time.perf_counter()
+        n_located = sum(len(a.located) for a, j in zip(answers, jobs) if j.locate)
+        results = []
+        for job, ans in zip(jobs, answers):
+            gen = ans.generation
+            res: dict[str, Any] = {
+                "text": gen.text,
+                "finish_reason": "stop" if gen.finish_reason == "eos" else "length",
+                "prompt_tokens": ans.prompt_tokens,
+                "completion_tokens": len(gen.token_ids),
+                "max_new_tokens": budget,
+                "risk": None if ans.risk is None else round(float(ans.risk), 6),
+                "methods": [m.to_json() for m in methods],
+                "timings": {**gen.timings.to_dict(), "queued_s": round(t_lock - t0, 6), "batch_size": len(jobs)},
+            }
+            if job.heatmap:
+                res["_grid"] = ans.attention_grid
+                res["_layout"] = gen.layout
+                res["attention_heads"] = None if ans.attention_heads is None else [list(h) for h in ans.attention_heads]
+            if job.locate:
+                locate_s = (t_done - t_lock - gen.timings.total_s) / max(1, n_located)
+                res["located"] = [_location_json(loc, locate_s) for loc in ans.located]
+            results.append(res)
         for job, res in zip(jobs, results):  # drawing needs no model: outside the lock
             grid, lay = res.pop("_grid", None), res.pop("_layout", None)
             if job.heatmap and grid is not None:
@@ -249,23 +242,24 @@ class Engine:
     # ------------------------------------------------------------------ locate
 
     def _locate(self, image: np.ndarray, queries: list[str]) -> list[dict]:
-        from grounding.locate import LocateParams, locate_batch
+        from grounding.location import LocateParams, locate_batch
 
         t = time.perf_counter()
         locs = locate_batch(self.vlm, [image] * len(queries), queries, self.selection, LocateParams())
         dt = (time.perf_counter() - t) / max(1, len(queries))
-        out = []
-        for loc in locs:
-            d = loc.to_json()
-            # unrounded, for the SAM prompt (grounding.segment.located_prompt) the SAM replica makes
-            d["sam_input"] = {"point": [float(v) for v in loc.point], "box": [float(v) for v in loc.box]}
-            d["locate_s"] = round(dt, 6)
-            out.append(d)
-        return out
+        return [_location_json(loc, dt) for loc in locs]
 
     def locate(self, image: np.ndarray, queries: list[str]) -> list[dict]:
         with self.lock:
             return self._locate(image, queries)
+
+
+def _location_json(loc, locate_s: float) -> dict:
+    d = loc.to_json()
+    # unrounded, for the SAM prompt (grounding.segment.located_prompt) the SAM replica makes
+    d["sam_input"] = {"point": [float(v) for v in loc.point], "box": [float(v) for v in loc.box]}
+    d["locate_s"] = round(locate_s, 6)
+    return d
 
 
 def _error(e: Exception) -> dict:

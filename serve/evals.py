@@ -15,8 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from lucid.errors import InputError
 from serve.schemas import EvalRequest
-from vlm.errors import InputError
 
 PREFIX = "lucid-eval-"
 _ID = re.compile(rf"^{PREFIX}[0-9a-f]{{12}}$")

@@ -28,11 +28,11 @@ class VlmRunner:
     def __init__(self, cfg: AppConfig) -> None:
         import torch
 
-        from lucid.cli import _quiet
-        from mitigation.risk import RiskModel
+        from lucid.risk import RiskModel
         from vlm import load_vlm
+        from vlm.loader import quiet_logs
 
-        _quiet()
+        quiet_logs()
         torch.set_num_threads(cfg.torch_threads)
         t = time.perf_counter()
         vlm = load_vlm(cfg.model, device=cfg.device)
@@ -66,7 +66,7 @@ class VlmRunner:
         q: queue.Queue = queue.Queue()
 
         def work() -> None:
-            from vlm.errors import InputError
+            from lucid.errors import InputError
 
             try:
                 res = self.engine.stream(job, lambda text: q.put({"delta": text}))

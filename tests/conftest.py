@@ -27,7 +27,7 @@ def tiny_random_dir(tmp_path_factory):
     tokenizer/processor and saved with save_pretrained: exercises the real loading path."""
     from transformers import LlavaForConditionalGeneration
 
-    from testbed.model import TinyLlavaShape, build_config, build_processor, build_tokenizer
+    from testbed.studies.model import TinyLlavaShape, build_config, build_processor, build_tokenizer
 
     torch.manual_seed(0)
     shape = TinyLlavaShape(

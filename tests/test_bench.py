@@ -2,7 +2,7 @@
 process, and writes a well-formed table with ratios and intervals. (No timing asserts: speed is reported,
 not tested.)"""
 
-from lucid.bench import PATHS, BenchModel, bootstrap_median, render_markdown, run_bench, summarise
+from lucid.bench.methods import PATHS, BenchModel, bootstrap_median, render_markdown, run_bench, summarise
 
 
 def test_bench_quick_writes_all_paths(tmp_path):
@@ -42,7 +42,7 @@ def test_bootstrap_interval_contains_the_median():
 
 
 def test_regenerating_keeps_other_tools_sections():
-    from lucid.bench import keep_other_sections
+    from lucid.bench.methods import keep_other_sections
 
     old = "# Benchmarks\n\nold intro\n\n## testbed: old\n\n| old |\n\n## SAM: tiny\n\n| sam row |\n"
     new = "# Benchmarks\n\nnew intro\n\n## testbed: new\n\n| new |\n"

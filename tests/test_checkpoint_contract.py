@@ -145,7 +145,7 @@ def test_light_check_runs_without_torch(tmp_path):
     shutil.copytree(TESTBED_DIR, d)
     _truncate("model.safetensors", 4_000_000)(d)
     code = (
-        "import sys\nfrom vlm.checkpoint import inspect_checkpoint\nfrom vlm.errors import CheckpointError\n"
+        "import sys\nfrom vlm.checkpoint import inspect_checkpoint\nfrom lucid.errors import CheckpointError\n"
         f"try:\n    inspect_checkpoint({str(d)!r})\nexcept CheckpointError as e:\n    print(e)\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
     )
@@ -239,7 +239,7 @@ def test_fuzz_checkpoint_directories(tiny_random_dir, mutations):
 
 
 def test_no_torch_import_for_pure_contract_modules():
-    code = "import sys, vlm, vlm.contract, vlm.images, vlm.checkpoint, vlm.errors\nprint('torch' in sys.modules)"
+    code = "import sys, vlm, vlm.contract, vlm.images, vlm.checkpoint, lucid.errors\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert out.stdout.strip() == "False"

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from grounding.segment import decode_rle
-from testbed.world import WorldConfig, render_scene
+from testbed.world.scenes import WorldConfig, render_scene
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENE = str(ROOT / "testbed" / "examples" / "scene.png")

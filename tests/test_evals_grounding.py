@@ -15,7 +15,7 @@ import pytest
 
 from evals.job import JobError, JobSpec, make_plan, run_job
 from evals.suites import build
-from vlm.errors import InputError
+from lucid.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 N, SEED, N_FOREIGN = 4, 777, 1
@@ -42,12 +42,12 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def testbed_eval():
-    """The testbed's own evaluation code on the same scenes: `testbed.localization` (pointing, box
-    accuracy, mean IoU of `locate`) and `testbed.sam_eval.attention_to_sam` (attention -> SAM)."""
+    """The testbed's own evaluation code on the same scenes: `testbed.studies.localization` (pointing, box
+    accuracy, mean IoU of `locate`) and `testbed.studies.sam_eval.attention_to_sam` (attention -> SAM)."""
     from grounding import LocateParams, load_or_discover
     from grounding.sam import load_segmenter
-    from testbed.localization import eval_items, run_localization
-    from testbed.sam_eval import attention_to_sam
+    from testbed.studies.localization import eval_items, run_localization
+    from testbed.studies.sam_eval import attention_to_sam
     from vlm import load_vlm
 
     vlm = load_vlm("testbed")

@@ -1,5 +1,5 @@
 """Eval jobs in this process (`workers=0`, no Ray): batch sizes, resume, output files, the testbed
-suites against `testbed.evaluate`, pope / chair end to end on files written here, CLI errors."""
+suites against `testbed.studies.evaluate`, pope / chair end to end on files written here, CLI errors."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_output_files(reference):
 
 def test_testbed_suites_give_testbed_eval_numbers(reference):
     """testbed-pope / testbed-chair are `lucid testbed eval`'s questions and numbers."""
-    from testbed.evaluate import EvalConfig, evaluate
+    from testbed.studies.evaluate import EvalConfig, evaluate
     from vlm import load_vlm
 
     _, _, res = reference
@@ -134,8 +134,8 @@ def test_an_out_dir_of_another_configuration_is_refused(reference, tmp_path):
 
 def _coco_like(tmp_path, n=3):
     """Testbed scenes saved under COCO val2014 names, POPE questions about them, COCO annotations."""
-    from testbed.language import existence_question
-    from testbed.world import CATEGORIES, scenes
+    from testbed.world.language import existence_question
+    from testbed.world.scenes import CATEGORIES, scenes
 
     img = tmp_path / "val2014"
     img.mkdir()

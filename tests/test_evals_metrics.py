@@ -12,7 +12,7 @@ from evals import metrics as M
 from evals.coco_objects import mentions
 from evals.parse import parse_pope
 from evals.suites import Data, SuiteError, build, limit_per_split
-from vlm.errors import ImageError
+from lucid.errors import ImageError
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_pope_metrics_by_hand():
     assert m["f1"] == pytest.approx(2 * 0.75 * 0.6 / 1.35)
     assert m["yes_ratio"] == pytest.approx(4 / 10)  # of the predictions, not of the labels
     # the testbed's own metric agrees
-    from testbed.evaluate import binary_metrics
+    from testbed.studies.evaluate import binary_metrics
 
     ref = binary_metrics(preds, labels)
     for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"):

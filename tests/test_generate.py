@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from testbed.world import render_scene
+from testbed.world.scenes import render_scene
 from vlm import SamplingParams, build_inputs, generate
 
 QUESTIONS = [

@@ -116,7 +116,7 @@ def test_render_prompt_and_its_errors():
 
 
 def test_phrase_positions_in_a_left_padded_batch(testbed_vlm):
-    from testbed.world import WorldConfig, scenes
+    from testbed.world.scenes import WorldConfig, scenes
 
     imgs = [s.image for s in scenes(3, 2, WorldConfig())]
     qs = [render_prompt("Where is {query}?", "the yellow triangle"), render_prompt("{query}", "the red circle")]
@@ -191,7 +191,7 @@ def test_embedded_model_ships_its_selection(testbed_vlm, tmp_path, monkeypatch):
 
 
 def test_calibration_from_folder_format(tmp_path):
-    from testbed.world import WorldConfig, scenes
+    from testbed.world.scenes import WorldConfig, scenes
 
     s = next(iter(scenes(5, 1, WorldConfig())))
     (tmp_path / "imgs").mkdir()

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from grounding import LocateParams, box_and_point, locate, locate_batch
-from grounding.locate import combine_heads
+from grounding.location import combine_heads
 from grounding.readout import iter_attention
 from vlm.layout import ImageLayout, clip_geometry, pad_geometry
 
@@ -76,7 +76,7 @@ def test_threshold_and_component_choices():
 
 
 def test_locate_end_to_end_on_the_embedded_model(testbed_vlm):
-    from testbed.world import WorldConfig, scenes
+    from testbed.world.scenes import WorldConfig, scenes
 
     scene = next(iter(scenes(12345, 1, WorldConfig())))
     wide = scene.image.resize((160, 96))
@@ -94,7 +94,7 @@ def test_locate_end_to_end_on_the_embedded_model(testbed_vlm):
 
 
 def test_locate_batch_matches_single_calls_and_uses_the_heads(testbed_vlm):
-    from testbed.world import WorldConfig, scenes
+    from testbed.world.scenes import WorldConfig, scenes
 
     sc = list(scenes(12345, 3, WorldConfig()))
     images = [s.image for s in sc]
@@ -128,7 +128,7 @@ def test_any_checkpoint_discovers_on_a_folder_and_locates(tiny_vlm, tmp_path):
     import json
 
     from grounding import HeadParams, calibration_from_folder, discover_heads
-    from testbed.world import WorldConfig, scenes
+    from testbed.world.scenes import WorldConfig, scenes
 
     lines = []
     for i, s in enumerate(scenes(9, 3, WorldConfig())):

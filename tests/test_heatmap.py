@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from grounding.heads import cache_path, explicit_selection, weights_hash
-from lucid.ask import ask
+from lucid.answer import ask
 from lucid.heatmap import COLORBAR_LABEL, display_map, heatmap_figure, save_heatmap
 from vlm.layout import ImageLayout, clip_geometry, pad_geometry
 
@@ -66,7 +66,7 @@ def test_heatmap_of_a_huge_image_is_bounded_in_size_and_memory(tmp_path):
 
 
 def test_ask_returns_shares_for_all_heads_and_for_chosen_heads(testbed_vlm):
-    from testbed.world import WorldConfig, scenes
+    from testbed.world.scenes import WorldConfig, scenes
 
     img = next(iter(scenes(12345, 1, WorldConfig()))).image
     q = "Is there a red circle in the image?"
@@ -82,7 +82,7 @@ def test_ask_returns_shares_for_all_heads_and_for_chosen_heads(testbed_vlm):
 
 def test_ask_auto_uses_the_cached_localization_heads(testbed_vlm, tmp_path, monkeypatch):
     from grounding.heads import default_calibration_name, default_params
-    from testbed.world import WorldConfig, scenes
+    from testbed.world.scenes import WorldConfig, scenes
 
     monkeypatch.setenv("LUCID_CACHE", str(tmp_path))
     seeded = explicit_selection(testbed_vlm, [(3, 1), (1, 2)])

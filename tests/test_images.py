@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from vlm.errors import ImageError, LimitsError
+from lucid.errors import ImageError, LimitsError
 from vlm.images import BACKGROUND, ImageLimits, display_copy, display_geometry, load_image, to_rgb
 from vlm.layout import clip_geometry
 

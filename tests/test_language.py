@@ -1,15 +1,15 @@
 import numpy as np
 import pytest
 
-from testbed.evaluate import binary_metrics, parse_yes_no
-from testbed.language import (
+from testbed.studies.evaluate import binary_metrics, parse_yes_no
+from testbed.world.language import (
     caption,
     category_frequency,
     cooccurrence,
     mentioned_categories,
     pope_questions,
 )
-from testbed.world import TRAIN_CONFIG, partner_of, render_scene, scenes
+from testbed.world.scenes import TRAIN_CONFIG, partner_of, render_scene, scenes
 
 
 def test_caption_names_every_object_left_to_right():

@@ -23,7 +23,7 @@ NON_SQUARE = [(name, (w, h)) for name, (w, h) in CASES if w != h and min(w, h) >
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from testbed.model import build_tokenizer
+    from testbed.studies.model import build_tokenizer
 
     return build_tokenizer()
 
@@ -92,7 +92,7 @@ def test_arithmetic_matches_transformers_on_a_sweep(name, tokenizer):
 def test_token_count_matches_processor(name, size, tokenizer):
     """The processor's emitted image tokens = base cells + tile cells + one newline per tile-grid row, and
     pixel_values holds the base view plus exactly the tiles the view names."""
-    from testbed.model import IMAGE
+    from testbed.studies.model import IMAGE
 
     proc = _processor(name, tokenizer)
     w, h = size

@@ -18,7 +18,7 @@ def next_dir(tmp_path_factory):
     )
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    from testbed.model import CHAT_TEMPLATE, IMAGE, build_tokenizer
+    from testbed.studies.model import CHAT_TEMPLATE, IMAGE, build_tokenizer
 
     torch.manual_seed(0)
     tok = build_tokenizer()

@@ -13,8 +13,8 @@ from mitigation.methods import parse_methods
 from mitigation.methods.pai import PAI
 from mitigation.methods.var import VAR, load_or_calibrate
 from mitigation.methods.vhr import VHR
-from mitigation.request import RequestContext
-from testbed.world import render_scene
+from mitigation.seam.request import RequestContext
+from testbed.world.scenes import render_scene
 from vlm import SamplingParams, build_inputs, generate
 
 QUESTIONS = ["Is there a red circle in the image?", "Describe the image.", "What color is the square?"]

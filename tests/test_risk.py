@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from lucid.answer import answer_batch
+from lucid.risk import RiskModel, auroc, fit_risk, prompt_features, risk_recorder, token_features
 from mitigation import AttentionRecorder
-from mitigation.risk import RiskModel, auroc, fit_risk, prompt_features, token_features
 from vlm import SamplingParams, build_inputs, generate
 
 
@@ -47,11 +48,10 @@ def test_token_features_hand_computed():
     np.testing.assert_allclose(p[0], [1.0, 0.625, 0.0, 0.5], atol=1e-6)
 
 
-def test_generate_with_risk_keeps_tokens_and_scores_every_token(testbed_vlm):
+def test_answer_batch_with_risk_keeps_tokens_and_scores_every_token(testbed_vlm):
     vlm = testbed_vlm
-    inputs = build_inputs(
-        vlm, ["testbed/examples/scene.png"] * 2, ["Is there a red circle in the image?", "Describe the image."]
-    )
+    images = ["testbed/examples/scene.png"] * 2
+    questions = ["Is there a red circle in the image?", "Describe the image."]
     n_feat = 6 * vlm.n_layers + 1
     rng = np.random.default_rng(1)
     model = RiskModel(
@@ -63,28 +63,27 @@ def test_generate_with_risk_keeps_tokens_and_scores_every_token(testbed_vlm):
         weights=tuple(rng.normal(size=n_feat)),
         bias=0.0,
     )
-    plain = generate(vlm, inputs, SamplingParams(max_new_tokens=12))
-    scored = generate(vlm, inputs, SamplingParams(max_new_tokens=12), risk=model)
+    plain = answer_batch(vlm, images, questions, SamplingParams(max_new_tokens=12))
+    scored = answer_batch(vlm, images, questions, SamplingParams(max_new_tokens=12), risk=model)
     for a, b in zip(plain, scored):
-        assert a.token_ids == b.token_ids
+        assert a.generation.token_ids == b.generation.token_ids
         assert a.risk is None and b.risk is not None
-        assert len(b.token_risk) == max(1, len(b.token_ids))
+        assert len(b.token_risk) == max(1, len(b.generation.token_ids))
         assert 0.0 < b.risk < 1.0
         assert b.risk == pytest.approx(float(np.mean(b.token_risk)))
     # the same row alone gives the same risk (batch neighbours do not leak into the features)
-    alone = generate(
-        vlm,
-        build_inputs(vlm, ["testbed/examples/scene.png"], ["Describe the image."]),
-        SamplingParams(max_new_tokens=12),
-        risk=model,
-    )[0]
+    alone = answer_batch(vlm, images[1:], questions[1:], SamplingParams(max_new_tokens=12), risk=model)[0]
     assert alone.risk == pytest.approx(scored[1].risk, abs=1e-4)
+    # the features are the recorder's, scored by the model: recomputed here by hand from one recording
+    inputs = build_inputs(vlm, images, questions)
+    rec = risk_recorder(model)
+    gens = generate(vlm, inputs, SamplingParams(max_new_tokens=12), recorder=rec)
+    T = inputs.input_ids.shape[1]
+    rows = [range(max(lay.all_token_positions) + 1, T) for lay in inputs.layouts]
+    feats = token_features(rec, model.layers, [max(1, len(g.token_ids)) for g in gens], T,
+                           [g.token_logprobs for g in gens], rows)
+    for f, b in zip(feats, scored):
+        np.testing.assert_allclose(model.score(f), b.token_risk, atol=1e-6)
     # a recorder that cannot feed the model is refused with a clear message
     with pytest.raises(ValueError, match="prefill_rows"):
-        generate(
-            vlm,
-            inputs,
-            SamplingParams(max_new_tokens=2),
-            risk=model,
-            recorder=AttentionRecorder(layers=None, prefill_rows="last"),
-        )
+        risk_recorder(model, AttentionRecorder(layers=None, prefill_rows="last"))

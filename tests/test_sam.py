@@ -16,8 +16,8 @@ from grounding.sam import TESTBED_SAM, PromptError, SamPrompt, load_segmenter, m
 from grounding.sam_import import _batched_nms, _resize, import_segment_anything
 from grounding.sam_model import SamArchitecture, build_sam, decode_batched
 from grounding.segment import decode_rle, encode_rle
-from testbed.sam_eval import mask_iou
-from testbed.world import WorldConfig, render_scene
+from testbed.studies.sam_eval import mask_iou
+from testbed.world.scenes import WorldConfig, render_scene
 
 SMALL = SamArchitecture(
     img_size=64,
@@ -166,7 +166,7 @@ def test_point_and_box_find_the_object_at_original_resolution(official, size):
 
 def test_embedded_sam_quality_on_fresh_scenes(official):
     """A small slice of `lucid testbed eval-sam` (README has the full numbers): a regression guard."""
-    from testbed.sam_eval import prompt_quality
+    from testbed.studies.sam_eval import prompt_quality
 
     m = prompt_quality(official, seed=99, n_scenes=16, n_foreign=6, progress=False)
     assert m["heldout"]["point"] > 0.85 and m["heldout"]["box"] > 0.85
@@ -177,7 +177,7 @@ def test_embedded_sam_quality_on_fresh_scenes(official):
 def test_training_runs_resumes_and_loads(tmp_path):
     from dataclasses import replace
 
-    from testbed.sam_train import SamRecipe, train_sam
+    from testbed.studies.sam_train import SamRecipe, train_sam
 
     recipe = replace(
         SamRecipe(),
@@ -200,7 +200,7 @@ def test_training_runs_resumes_and_loads(tmp_path):
 
 
 def test_unknown_and_missing_specs():
-    from vlm.errors import CheckpointError
+    from lucid.errors import CheckpointError
 
     for spec in ("", "nope", "vit_b:/no/such.pth", "hf:/no/such/dir", "vit_q:/x"):
         with pytest.raises(CheckpointError):
@@ -222,7 +222,7 @@ def test_official_vit_b_checkpoint_through_the_registry(tmp_path):
 
 
 def test_bench_sam_interleaves_both_backends():
-    from lucid.bench_sam import measure, to_markdown
+    from lucid.bench.sam import measure, to_markdown
 
     result = measure("testbed", rounds=2)
     md = to_markdown(result, threads=1)

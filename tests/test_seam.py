@@ -11,7 +11,7 @@ from transformers import LlavaForConditionalGeneration
 import mitigation
 from kernels import AttentionEdit, edited_attention_reference
 from mitigation import AttentionRecorder, LayerEdit, Plan
-from testbed.world import render_scene
+from testbed.world.scenes import render_scene
 from vlm import build_inputs
 
 QUESTIONS = ["Is there a red circle in the image?", "Describe the image.", "How many squares are there?"]

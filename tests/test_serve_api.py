@@ -57,8 +57,8 @@ def client(backend, image_root):
 
 
 def solo(backend, question: str = Q, methods=(), max_new_tokens: int = 256, **sampling):
-    """The library's answer (lucid.ask), for comparison."""
-    from lucid.ask import ask
+    """The library's answer (lucid.answer), for comparison."""
+    from lucid.answer import ask
     from mitigation.methods import parse_methods
     from vlm import SamplingParams
 

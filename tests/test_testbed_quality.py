@@ -7,7 +7,7 @@ model that does not see.
 
 import pytest
 
-from testbed.evaluate import EvalConfig, evaluate
+from testbed.studies.evaluate import EvalConfig, evaluate
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,10 @@
 import numpy as np
 import torch
 
-from testbed.data import IGNORE, encode_conversation, make_batch, patch_coverage
-from testbed.language import QA
-from testbed.model import TinyLlavaShape, build_processor, build_tokenizer
-from testbed.world import TRAIN_CONFIG, render_scene
+from testbed.studies.data import IGNORE, encode_conversation, make_batch, patch_coverage
+from testbed.studies.model import TinyLlavaShape, build_processor, build_tokenizer
+from testbed.world.language import QA
+from testbed.world.scenes import TRAIN_CONFIG, render_scene
 
 
 def test_encoding_matches_processor_and_chat_template():

@@ -253,7 +253,7 @@ def test_compiles_for_sm90_without_a_gpu():
     interpreter checks none of that). In a fresh process: this one may hold an interpreter-mode triton."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "kernels.bench_triton", "--compile-report", "--only", "prefill-all,decode-all"]
+    cmd = [sys.executable, "-m", "lucid.bench.kernels", "--compile-report", "--only", "prefill-all,decode-all"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -268,7 +268,7 @@ def test_generation_through_the_seam_with_triton_equals_the_reference(testbed_vl
     served by the fused kernel (interpreted), gives the reference path's tokens, log-probabilities and rows."""
     from mitigation import AttentionRecorder
     from mitigation.methods import parse_methods
-    from testbed.world import render_scene
+    from testbed.world.scenes import render_scene
     from vlm import SamplingParams, build_inputs, generate
 
     inputs = build_inputs(testbed_vlm, [render_scene(3).image], ["Is there a red circle in the image?"])

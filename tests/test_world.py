@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from testbed.language import category_frequency, cooccurrence
-from testbed.render import decode_mask, render_dataset
-from testbed.world import CATEGORIES, PAIRS, TRAIN_CONFIG, WorldConfig, partner_of, render_scene, scenes
+from testbed.world.language import category_frequency, cooccurrence
+from testbed.world.render import decode_mask, render_dataset
+from testbed.world.scenes import CATEGORIES, PAIRS, TRAIN_CONFIG, WorldConfig, partner_of, render_scene, scenes
 
 
 def test_scenes_are_deterministic_by_seed():

@@ -9,17 +9,60 @@ transformers still refuses into `CheckpointError` too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlm.errors import CheckpointError
+from lucid.errors import CheckpointError
 
 TESTBED = "testbed"
 TESTBED_DIR = Path(__file__).resolve().parent.parent / "testbed" / "weights" / "tiny-llava"
 KINDS = ("llava", "llava_next")
+
+
+def cache_root() -> Path:
+    """Lucid's cache (localization heads, VAR calibrations, weights hashes): `LUCID_CACHE` or ~/.cache/lucid."""
+    return Path(os.environ.get("LUCID_CACHE", "~/.cache/lucid")).expanduser()
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files, in the order the identity hashes them."""
+    return sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+
+
+def weights_hash(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """A checkpoint's identity: sha256 over its weight files (names and bytes). Remembered in the cache
+    (`cache_dir` or `cache_root()`) under the files' names, sizes and mtimes, so a 7B checkpoint is read
+    once, not on every call; every cache keyed by checkpoint (heads, VAR, risk, eval records) uses this."""
+    path = Path(path)
+    files = weight_files(path)
+    stat = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = hashlib.sha256(json.dumps([str(path.resolve()), stat]).encode()).hexdigest()[:24]
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    memo = root / "weights" / f"{key}.txt"
+    try:
+        if memo.is_file():
+            return memo.read_text().strip()
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(digest)
+        tmp.replace(memo)
+    except OSError:  # a read-only cache costs a re-read next time, never the answer
+        pass
+    return digest
 
 _HEADER_MAX = 100 * 2**20  # safetensors' own bound on the JSON header
 # sizes that must be positive integers where config.json gives them (0 or a string crashes model building)

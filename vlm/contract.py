@@ -2,7 +2,7 @@
 
 Every check here is pure and cheap (standard library only, no torch), so every entry point (the CLI,
 the REST API, eval jobs) runs them before doing any work, and raises the typed errors of
-`vlm.errors` with a one-line, fix-it message. Outputs are written through `atomic_output`: a file
+`lucid.errors` with a one-line, fix-it message. Outputs are written through `atomic_output`: a file
 appears complete at its final path or not at all, and a failure to write is an `OutputError`.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from vlm.errors import ContextLengthError, DeviceError, OutputError, QuestionError, SamplingError
+from lucid.errors import ContextLengthError, DeviceError, OutputError, QuestionError, SamplingError
 
 IMAGE_PLACEHOLDERS = ("<image>",)  # llava-hf's image token; a checkpoint's own are checked once loaded
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes any int64; Lucid takes the non-negative ones

@@ -26,7 +26,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from vlm.errors import ImageError, ImageTooLargeError, LimitsError
+from lucid.errors import ImageError, ImageTooLargeError, LimitsError
 from vlm.layout import ImageGeometry
 
 ImageLike = Image.Image | str | os.PathLike | bytes | np.ndarray

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from lucid.errors import ImageError
 from vlm.contract import check_question
-from vlm.errors import ImageError
 from vlm.images import ImageLike, load_image
 from vlm.layout import (
     ImageGeometry,

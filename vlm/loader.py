@@ -13,7 +13,6 @@ vision tower) is caught here. A model that loads has passed a probe of its chat 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -29,8 +28,8 @@ from safetensors import SafetensorError  # noqa: E402
 from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration  # noqa: E402
 
 import mitigation  # noqa: E402
-from vlm.checkpoint import TESTBED, TESTBED_DIR, inspect_checkpoint  # noqa: E402
-from vlm.errors import CheckpointError, DeviceError  # noqa: E402
+from lucid.errors import CheckpointError, DeviceError  # noqa: E402
+from vlm.checkpoint import TESTBED, TESTBED_DIR, inspect_checkpoint, weights_hash  # noqa: E402
 
 __all__ = ["TESTBED", "TESTBED_DIR", "VLM", "CheckpointError", "default_device_dtype", "load_vlm", "resolve_source"]
 
@@ -99,14 +98,21 @@ class VLM:
         return TESTBED if self.source == TESTBED else self.path.name
 
     def weights_hash(self) -> str:
-        """sha256 over the weight files (names and bytes), for reproducibility records."""
-        h = hashlib.sha256()
-        for f in sorted(self.path.glob("*.safetensors")) + sorted(self.path.glob("*.bin")):
-            h.update(f.name.encode())
-            with f.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-        return h.hexdigest()
+        """The checkpoint's identity (`vlm.checkpoint.weights_hash`: sha256 over the weight files, memoised)."""
+        return weights_hash(self.path)
+
+
+def quiet_logs() -> None:
+    """transformers' logs and progress bars to errors only (the CLI's and the service's replicas' output
+    carries results, not library chatter)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 
 def resolve_source(source: str | os.PathLike) -> Path:

@@ -88,5 +88,4 @@ class Generation:
     timings: Timings
     layout: ImageLayout
     token_logprobs: tuple[float, ...] = ()  # the model's log-probability of each token (before temperature)
-    risk: float | None = None  # hallucination risk of the answer (mean over its tokens), if a risk model ran
-    token_risk: tuple[float, ...] | None = None
+    eos_logprob: float | None = None  # the log-probability of the eos token that ended it ("eos" only)

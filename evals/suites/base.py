@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vlm.errors import ImageError, InputError
+from lucid.errors import ImageError, InputError
 
 
 class SuiteError(InputError):

@@ -1,19 +1,19 @@
 """The grounding suites: where the checkpoint's localization heads put "the {colour} {shape}" on testbed
 scenes, scored against the scenes' exact masks and boxes.
 
-The queries are `testbed.localization.eval_items`: on the held-out scenes `scenes(seed, n, WorldConfig())`
+The queries are `testbed.studies.localization.eval_items`: on the held-out scenes `scenes(seed, n, WorldConfig())`
 (the scenes the other testbed suites draw for the same `n` and `seed`), one "the {colour} {shape}" per
 present object whose category is unique in its scene (an ambiguous query has no single right answer);
-with `n_foreign` > 0 also a `foreign` split on scenes drawn by other code (`testbed.foreign`, the seeds
-`testbed.evaluate` uses).
+with `n_foreign` > 0 also a `foreign` split on scenes drawn by other code (`testbed.world.foreign`, the seeds
+`testbed.studies.evaluate` uses).
 
 * `testbed-locate`: `grounding.locate` with the heads of `grounding.load_or_discover` (the checkpoint's
   own selection) and the `LocateParams` of `lucid locate` (`threshold`, `peak_fraction`, `sigma`, same
-  defaults). Scored as `testbed.localization.LocalizationRun.score` scores it: pointing (the peak point
+  defaults). Scored as `testbed.studies.localization.LocalizationRun.score` scores it: pointing (the peak point
   lies on the object's visible mask), box accuracy (IoU >= 0.5 with the object's box), mean IoU.
 * `testbed-segment`: the same queries through `grounding.segment.segment_query` (locate -> a SAM prompt
   -> SAM; the embedded SAM by default, loaded once per worker), scored as
-  `testbed.sam_eval.attention_to_sam` scores it: mask IoU with the object's exact mask (mIoU and the share
+  `testbed.studies.sam_eval.attention_to_sam` scores it: mask IoU with the object's exact mask (mIoU and the share
   at IoU >= 0.5), box accuracy of the mask's box, and pointing of the prompted pixel.
 
 Both measure the checkpoint's attention as it is: `grounding` reads it with a plain prefill, so mitigation
@@ -34,10 +34,10 @@ _ITEMS: dict[tuple[int, int, int], list] = {}
 
 
 def items(seed: int, n: int, n_foreign: int) -> list:
-    """`testbed.localization.eval_items(seed, n, n_foreign)`, built once per process."""
+    """`testbed.studies.localization.eval_items(seed, n, n_foreign)`, built once per process."""
     key = (seed, n, n_foreign)
     if key not in _ITEMS:
-        from testbed.localization import eval_items
+        from testbed.studies.localization import eval_items
 
         _ITEMS[key] = eval_items(seed, n, n_foreign)
     return _ITEMS[key]
@@ -48,7 +48,7 @@ class _Grounding(Suite):
     PARAMS = {
         "n": Param(int, 300, "held-out scenes"),
         "seed": Param(int, 12345, "seed of the held-out scenes (training uses other streams)"),
-        "n_foreign": Param(int, 0, "scenes drawn by other code (testbed.foreign): a 'foreign' split"),
+        "n_foreign": Param(int, 0, "scenes drawn by other code (testbed.world.foreign): a 'foreign' split"),
         "threshold": Param(str, "mean", "box rule: mean (the paper's) | peak_fraction, as `lucid locate`"),
         "peak_fraction": Param(float, 0.8, "with threshold=peak_fraction: sub-cells >= F x peak, in (0, 1]"),
         "sigma": Param(float, 1.0, "Gaussian smoothing of the heads' map, in grid cells (>= 0)"),
@@ -110,7 +110,7 @@ class _Grounding(Suite):
         return out
 
     def item(self, sample: Sample):
-        """The ground truth (`testbed.localization.Item`: mask, box) of a sample."""
+        """The ground truth (`testbed.studies.localization.Item`: mask, box) of a sample."""
         if sample.id not in self._by_id:
             self.samples()
         return self._by_id[sample.id]
@@ -126,8 +126,8 @@ class TestbedLocate(_Grounding):
     KIND = "locate"
 
     def judge(self, sample: Sample, answer, finish_reason: str = "located") -> dict:
-        from testbed.evaluate import box_iou
-        from testbed.localization import _on_mask
+        from testbed.studies.evaluate import box_iou
+        from testbed.studies.localization import _on_mask
 
         it = self.item(sample)
         box, point = tuple(answer["box"]), tuple(answer["point"])
@@ -169,9 +169,9 @@ class TestbedSegment(_Grounding):
 
     def judge(self, sample: Sample, answer, finish_reason: str = "segmented") -> dict:
         from grounding.segment import decode_rle
-        from testbed.evaluate import box_iou
-        from testbed.localization import _on_mask
-        from testbed.sam_eval import mask_iou
+        from testbed.studies.evaluate import box_iou
+        from testbed.studies.localization import _on_mask
+        from testbed.studies.sam_eval import mask_iou
 
         it = self.item(sample)
         mask = decode_rle(answer["mask"])

@@ -1,6 +1,6 @@
 """The testbed suites: the questions of `lucid testbed eval` on fresh held-out scenes, exact ground truth.
 
-The scenes and questions are `testbed.evaluate.build_families` (seed 12345, 300 scenes by default, the
+The scenes and questions are `testbed.studies.evaluate.build_families` (seed 12345, 300 scenes by default, the
 reference statistics for POPE popular/adversarial from the training distribution), so these suites give
 the numbers `lucid testbed eval` gives, which is a thin alias of them.
 
@@ -11,7 +11,7 @@ the numbers `lucid testbed eval` gives, which is a thin alias of them.
 * `testbed-qa`: colour and count accuracy, box-as-text ("Where is the red circle?", IoU >= 0.5), and
   POPE-style / colour questions on foreign scenes drawn by other code.
 
-Answers are parsed with the testbed's own rules (`testbed.evaluate.parse_yes_no`, `mentioned_categories`,
+Answers are parsed with the testbed's own rules (`testbed.studies.evaluate.parse_yes_no`, `mentioned_categories`,
 `parse_box`), as `lucid testbed eval` does.
 """
 
@@ -27,7 +27,7 @@ def families(n: int, seed: int, n_foreign: int | None = None) -> dict:
     foreign scenes will do (the held-out families do not depend on it)."""
     built = _CACHE.get((n, seed))
     if built is None or (n_foreign is not None and built[0] != n_foreign):
-        from testbed.evaluate import EvalConfig, build_families
+        from testbed.studies.evaluate import EvalConfig, build_families
 
         k = n_foreign or 0
         built = (k, build_families(EvalConfig(n_scenes=n, seed=seed, n_foreign=k)))
@@ -62,7 +62,7 @@ class _Testbed(Suite):
         return self._families()[family]
 
     def samples(self) -> list[Sample]:
-        from testbed.evaluate import max_new_tokens
+        from testbed.studies.evaluate import max_new_tokens
 
         out = []
         for family, items in self._families().items():
@@ -99,7 +99,7 @@ class TestbedPope(_Testbed):
         return qa.answer.lower()
 
     def judge(self, sample: Sample, answer: str, finish_reason: str = "eos") -> dict:
-        from testbed.evaluate import parse_yes_no
+        from testbed.studies.evaluate import parse_yes_no
 
         pred = parse_yes_no(answer)
         stats = {"pred_yes": int(pred == "yes")}
@@ -114,7 +114,7 @@ class TestbedChair(_Testbed):
     FAMILIES = {"caption": ("captions", "chair")}
 
     def _target(self, family, scene, qa):
-        from testbed.evaluate import absent_partners
+        from testbed.studies.evaluate import absent_partners
 
         return {
             "objects": sorted(" ".join(c) for c in scene.categories()),
@@ -122,7 +122,7 @@ class TestbedChair(_Testbed):
         }
 
     def judge(self, sample: Sample, answer: str, finish_reason: str = "eos") -> dict:
-        from testbed.language import mentioned_categories
+        from testbed.world.language import mentioned_categories
 
         m = {" ".join(c) for c in mentioned_categories(answer)}
         truth, partners = set(sample.target["objects"]), set(sample.target["absent_partners"])
@@ -152,14 +152,14 @@ class TestbedQA(_Testbed):
         "foreign_pope": ("foreign_pope", "binary"),
         "foreign_color": ("foreign_color", "accuracy"),
     }
-    PARAMS = {**_Testbed.PARAMS, "n_foreign": Param(int, 150, "scenes drawn by other code (testbed.foreign)")}
+    PARAMS = {**_Testbed.PARAMS, "n_foreign": Param(int, 150, "scenes drawn by other code (testbed.world.foreign)")}
 
     def _target(self, family, scene, qa):
         return qa.answer.lower() if family == "foreign_pope" else qa.answer
 
     def judge(self, sample: Sample, answer: str, finish_reason: str = "eos") -> dict:
-        from testbed.evaluate import box_iou, parse_yes_no
-        from testbed.language import parse_box
+        from testbed.studies.evaluate import box_iou, parse_yes_no
+        from testbed.world.language import parse_box
 
         if sample.split == "foreign_pope":
             pred = parse_yes_no(answer)
@@ -174,9 +174,9 @@ class TestbedQA(_Testbed):
 
 def testbed_eval_metrics(model: str, n: int, seed: int, methods: list, batch_size: int = 16) -> dict:
     """`lucid testbed eval`: the three testbed suites answered in this process (torch threads as they
-    are, batches of 16 per question family, as `testbed.evaluate.evaluate`), scored into its JSON."""
+    are, batches of 16 per question family, as `testbed.studies.evaluate.evaluate`), scored into its JSON."""
     from evals.job import JobSpec, make_plan, run_job
-    from testbed.evaluate import score_family
+    from testbed.studies.evaluate import score_family
 
     # testbed-qa first: its scenes (foreign ones included) serve the other two suites as well
     suites = (f"testbed-qa:n={n},seed={seed}", f"testbed-pope:n={n},seed={seed}", f"testbed-chair:n={n},seed={seed}")

@@ -9,8 +9,8 @@ from typing import ClassVar
 import torch
 
 from mitigation.methods.registry import Method, param, register, resolve_layers
-from mitigation.plan import LayerEdit, Plan
-from mitigation.request import STREAM_KINDS, Contribution, RequestContext, SecondStream
+from mitigation.seam.plan import LayerEdit, Plan
+from mitigation.seam.request import STREAM_KINDS, Contribution, RequestContext, SecondStream
 
 
 def first_edited_layer(n_layers: int) -> int:

@@ -10,12 +10,12 @@ from typing import Any, ClassVar
 import torch
 
 from kernels.reference import AttentionEdit, KeyEdit, attention_rows_reference
-from mitigation.context import image_index_from_mask
-from mitigation.hooks import AttentionCall, Hook
 from mitigation.methods.pai import first_edited_layer
 from mitigation.methods.registry import Method, MethodError, param, register, resolve_layers
-from mitigation.plan import LayerEdit, Plan
-from mitigation.request import Contribution, RequestContext
+from mitigation.seam.context import image_index_from_mask
+from mitigation.seam.hooks import AttentionCall, Hook
+from mitigation.seam.plan import LayerEdit, Plan
+from mitigation.seam.request import Contribution, RequestContext
 
 HEAD_MODES = ("sensitive", "uniform")
 

@@ -24,8 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, ClassVar
 
-from mitigation.request import Contribution, RequestContext, SecondStream
-from vlm.errors import InputError  # torch-free: the one error contract of every entry point
+from lucid.errors import InputError  # torch-free: the one error contract of every entry point
+from mitigation.seam.request import Contribution, RequestContext, SecondStream
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -181,7 +181,7 @@ class Method:
         return inputs
 
     def second_stream(self) -> SecondStream | None:
-        """The second stream of rows this method needs (see `mitigation.request`), or None."""
+        """The second stream of rows this method needs (see `mitigation.seam.request`), or None."""
         return None
 
     def contribute(self, ctx: RequestContext) -> Contribution:

@@ -14,10 +14,12 @@ from typing import Any, ClassVar
 import torch
 
 from kernels.reference import AttentionEdit, Redistribution
-from mitigation.hooks import AttentionCall, Hook
 from mitigation.methods.pai import first_edited_layer
 from mitigation.methods.registry import Method, MethodError, param, register, resolve_layers
-from mitigation.request import CompositionError, Contribution, RequestContext
+from mitigation.seam.hooks import AttentionCall, Hook
+from mitigation.seam.request import CompositionError, Contribution, RequestContext
+from vlm import build_inputs
+from vlm.checkpoint import cache_root, weights_hash
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,6 @@ def calibrate_sinks(vlm: Any, max_dims: int = 4) -> SinkCalibration:
     """Find the sink dimensions of `vlm`'s text backbone: run a few prompts (two images x four questions),
     read the hidden states entering the middle layers [L/4, 3L/4), and take the channels whose median
     |x_d| / RMS(x) on the first token is at least a quarter of the largest (at most `max_dims`)."""
-    from vlm import build_inputs  # the prompt format is the checkpoint's (lazy: vlm imports mitigation)
 
     L = vlm.n_layers
     layers = list(range(L // 4, max(L // 4 + 1, (3 * L) // 4)))
@@ -137,10 +138,9 @@ def calibration_path(vlm: Any, cache_dir: str | os.PathLike | None = None) -> Pa
 
 def _cache_file(vlm: Any, cache_dir: str | os.PathLike | None) -> tuple[Path, str]:
     """Where the calibration of `vlm`'s weights is cached: `cache_dir` or `LUCID_CACHE` (~/.cache/lucid)."""
-    from grounding.heads import weights_hash  # the shared memo of weights hashes (a 7B checkpoint is read once)
 
-    digest = weights_hash(vlm, cache_dir)
-    root = Path(cache_dir if cache_dir is not None else os.environ.get("LUCID_CACHE", "~/.cache/lucid")).expanduser()
+    digest = weights_hash(vlm.path, cache_dir)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     return root / "sinks" / f"{digest[:16]}.json", digest
 
 

@@ -9,9 +9,9 @@ from typing import ClassVar
 import torch
 
 from kernels.reference import AttentionEdit
-from mitigation.hooks import AttentionCall, Hook
 from mitigation.methods.registry import Method, param, register, resolve_layers
-from mitigation.request import STREAM_KINDS, Contribution, RequestContext, SecondStream
+from mitigation.seam.hooks import AttentionCall, Hook
+from mitigation.seam.request import STREAM_KINDS, Contribution, RequestContext, SecondStream
 
 
 def vhr_layers(n_layers: int) -> list[int]:

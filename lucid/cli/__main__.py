@@ -1,0 +1,5 @@
+"""`python -m lucid.cli ...` = `lucid ...`."""
+
+from lucid.cli import main
+
+main()

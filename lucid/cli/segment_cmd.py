@@ -1,0 +1,274 @@
+"""`lucid segment`, `lucid testbed train-sam`, `lucid testbed eval-sam` and `lucid sam-to-hf`.
+
+Registered on the app by `lucid.cli` (`register`); the same error contract applies (`LucidGroup`): every
+input is checked before torch is imported, a bad one is one `lucid: error: ...` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lucid.cli.common import (
+    HEATMAP_SUFFIXES,
+    checked_output,
+    deliver,
+    fail_after_result,
+    load_model,
+    quiet,
+    stdout_to_stderr,
+)
+from lucid.errors import InputError, OutputError
+
+SAM_HELP = "testbed (the embedded tiny SAM), vit_b:PATH / vit_l:PATH / vit_h:PATH (official .pth), hf:DIR, or a DIR."
+
+
+def parse_point(text: str) -> tuple[float, float, int]:
+    """'X,Y' or 'X,Y:1' (on the object) / 'X,Y:0' (not on it) -> (x, y, label)."""
+    body, _, label = text.partition(":")
+    parts = body.split(",")
+    try:
+        if len(parts) != 2 or label not in ("", "0", "1"):
+            raise ValueError
+        return float(parts[0]), float(parts[1]), int(label or 1)
+    except ValueError:
+        raise InputError(f"--point must be X,Y or X,Y:0|1 (pixels; 1 = on the object), got {text!r}") from None
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    parts = text.split(",")
+    try:
+        if len(parts) != 4:
+            raise ValueError
+        x0, y0, x1, y1 = (float(v) for v in parts)
+    except ValueError:
+        raise InputError(f"--box must be X0,Y0,X1,Y1 (pixels, x1/y1 exclusive), got {text!r}") from None
+    return x0, y0, x1, y1
+
+
+def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
+    @app.command()
+    def segment(
+        image: Annotated[Path, typer.Argument(help="Image file (PNG, JPEG, GIF, BMP, TIFF, WebP, PPM).")],
+        query: Annotated[
+            str | None, typer.Argument(help="What to segment, e.g. 'the red circle' (uses the VLM).")
+        ] = None,
+        point: Annotated[list[str] | None, typer.Option("--point", help="X,Y[:0|1] pixel prompt (repeatable).")] = None,
+        box: Annotated[list[str] | None, typer.Option("--box", help="X0,Y0,X1,Y1 box prompt (repeatable).")] = None,
+        model: Annotated[
+            str, typer.Option(help="'testbed' or a local llava-hf checkpoint (text queries).")
+        ] = "testbed",
+        sam: Annotated[str, typer.Option(help=SAM_HELP)] = "testbed",
+        heads: Annotated[str, typer.Option(help="Localization heads: 'auto' or L:H,L:H (text queries).")] = "auto",
+        prompt: Annotated[str, typer.Option(help="What attention gives SAM: point, box or point_box.")] = "point",
+        out: Annotated[Path | None, typer.Option(help="Write the masks (and map) over the image as PNG.")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of lines.")] = False,
+    ) -> None:
+        """Segment IMAGE with SAM from explicit --point/--box prompts, or from a text QUERY located by the
+        VLM's localization heads. Coordinates are ORIGINAL image pixels."""
+        import time
+
+        from grounding.sam import PromptError, SamPrompt, check_sam_spec
+        from grounding.segment import ATTENTION_PROMPTS
+        from vlm.contract import atomic_output, check_question
+        from vlm.images import load_image
+
+        points = [parse_point(p) for p in point or []]
+        boxes = [parse_box(b) for b in box or []]
+        if query is not None:
+            check_question(query)
+            if points or boxes:
+                raise InputError("give either a text QUERY or --point/--box prompts, not both")
+        elif not points and not boxes:
+            raise InputError("nothing to segment: give a text QUERY, or --point X,Y and/or --box X0,Y0,X1,Y1")
+        if prompt not in ATTENTION_PROMPTS:
+            raise InputError(f"--prompt must be one of {', '.join(ATTENTION_PROMPTS)}, got {prompt!r}")
+        explicit = None
+        if heads != "auto":
+            from grounding.heads import parse_heads
+
+            try:
+                explicit = parse_heads(heads)
+            except ValueError as e:
+                raise InputError(f"--heads: {e}") from e
+        path = checked_output(out, HEATMAP_SUFFIXES, "overlay")
+        check_sam_spec(sam)
+        if query is not None:
+            from vlm.checkpoint import inspect_checkpoint
+
+            inspect_checkpoint(model)
+        pil = load_image(image)
+        w, h = pil.size
+        if len(boxes) > 1 and points:
+            raise InputError("give points with at most one box (each box is its own object)")
+        try:  # every prompt is checked against the image before any model loads
+            for b in boxes or [None]:
+                if points or b is not None:
+                    SamPrompt(tuple((x, y) for x, y, _ in points), tuple(lab for *_, lab in points), b).check(w, h)
+        except PromptError as e:
+            raise InputError(str(e)) from None
+        quiet()
+        from grounding.sam import load_segmenter
+        from grounding.segment import segment_prompts, segment_query
+
+        t0 = time.perf_counter()
+        with stdout_to_stderr():
+            segmenter = load_segmenter(sam)
+            timings = {"load_sam_s": time.perf_counter() - t0}
+            if query is None:
+                t1 = time.perf_counter()
+                objects = segment_prompts(segmenter, pil, points, boxes)
+                timings["sam_s"] = time.perf_counter() - t1
+                timings.update({f"sam_{k}_s": v for k, v in segmenter.timings.items()})
+            else:
+                from grounding import load_or_discover
+
+                t1 = time.perf_counter()
+                vlm = load_model(model)
+                try:
+                    selection = load_or_discover(vlm) if explicit is None else load_or_discover(vlm, heads=explicit)
+                except ValueError as e:
+                    raise InputError(f"--heads: {e}") from e
+                timings["load_model_s"] = time.perf_counter() - t1
+                objects, more = segment_query(vlm, segmenter, pil, [query], selection, how=prompt)
+                timings.update(more)
+        payload = {
+            "objects": [o.to_json() for o in objects],
+            "image_size": [w, h],
+            "sam": segmenter.source,
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+        }
+        if query is not None:
+            payload["heads"] = [[int(a), int(b)] for a, b in objects[0].location.heads]
+        if as_json:
+            typer.echo(json.dumps(payload))
+        else:
+            for o in objects:
+                b = ", ".join(f"{v:.0f}" for v in o.box)
+                typer.echo(f"{o.label}: box [{b}] score {o.score:.2f} ({int(o.mask.sum())} px, from {o.source})")
+        if path is not None:
+            from lucid.overlay import save_segment_overlay
+
+            try:
+                with stdout_to_stderr(), atomic_output(path) as tmp:
+                    save_segment_overlay(tmp, pil, objects)
+            except OutputError as e:
+                fail_after_result(e)
+
+    @testbed_app.command("train-sam")
+    def train_sam_cmd(
+        seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+        out: Annotated[Path, typer.Option(help="Directory to write (resumes a run found there).")] = Path("tiny-sam"),
+        steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (16 scenes x 4 prompts each).")] = 2400,
+        threads: Annotated[int, typer.Option(min=1, max=64, help="torch threads.")] = 1,
+    ) -> None:
+        """Train the embedded tiny SAM from scratch on shapes-world scenes (resumable; ~55 min on 1 core)."""
+        from dataclasses import replace
+
+        from vlm.contract import check_seed
+
+        check_seed(seed, "--seed")
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} exists and is not a directory")
+        from testbed.studies.sam_train import SamRecipe, train_sam
+
+        with stdout_to_stderr():
+            summary = train_sam(replace(SamRecipe(), seed=seed, steps=steps, threads=threads), out)
+        typer.echo(json.dumps({"out": str(out), **summary}))
+
+    @testbed_app.command("eval-sam")
+    def eval_sam_cmd(
+        sam: Annotated[str, typer.Option(help=SAM_HELP)] = "testbed",
+        n: Annotated[int, typer.Option(min=1, help="Held-out scenes.")] = 300,
+        foreign: Annotated[int, typer.Option(min=0, help="Scenes drawn by testbed/world/foreign.py.")] = 100,
+        seed: Annotated[int, typer.Option(help="Seed of the held-out scenes.")] = 2024,
+        attention: Annotated[
+            bool, typer.Option(help="Also score text query -> attention -> SAM (loads the VLM).")
+        ] = False,
+        model: Annotated[str, typer.Option(help="The VLM for --attention.")] = "testbed",
+        threads: Annotated[int, typer.Option(min=1, max=64, help="torch threads.")] = 2,
+        out: Annotated[
+            Path | None, typer.Option(help="Also write the metrics JSON here (.json; - = stdout only).")
+        ] = None,
+    ) -> None:
+        """SAM quality on fresh held-out scenes: mIoU per prompt kind (point, box, points, point+box,
+        refinement with the fed-back mask), evaluation distribution and foreign scenes."""
+        from grounding.sam import check_sam_spec
+        from vlm.contract import check_seed
+
+        check_seed(seed, "--seed")
+        path = checked_output(out, (".json",), "metrics", stdout_ok=True)
+        check_sam_spec(sam)
+        if attention:
+            from vlm.checkpoint import inspect_checkpoint
+
+            inspect_checkpoint(model)
+        quiet()
+        import torch
+
+        from grounding.sam import load_segmenter
+        from testbed.studies.sam_eval import attention_to_sam, prompt_quality
+
+        torch.set_num_threads(threads)
+        with stdout_to_stderr():
+            segmenter = load_segmenter(sam)
+            metrics = {"sam": segmenter.source, "prompts": prompt_quality(segmenter, seed, n, foreign)}
+            if attention:
+                from grounding import load_or_discover
+
+                vlm = load_model(model)
+                metrics["attention"] = attention_to_sam(vlm, segmenter, load_or_discover(vlm))
+                metrics["model"] = vlm.name
+        deliver(json.dumps(metrics, indent=1), path)
+
+    @app.command("sam-to-hf")
+    def sam_to_hf(
+        src: Annotated[str, typer.Argument(help="An official-architecture SAM: testbed, a DIR, or vit_b:PATH.")],
+        out: Annotated[Path, typer.Argument(help="Directory to write (SamModel.from_pretrained loads it).")],
+    ) -> None:
+        """Convert official-architecture SAM weights into a transformers SamModel directory."""
+        from grounding.sam import OfficialSam, check_sam_spec
+        from vlm.contract import check_output_dir
+
+        check_sam_spec(src)
+        check_output_dir(out, "SAM")
+        kind, _, rest = src.partition(":")
+        from grounding.sam import load_segmenter
+        from grounding.sam_convert import to_hf
+        from grounding.sam_model import SamArchitecture
+
+        seg = load_segmenter(src)
+        if not isinstance(seg, OfficialSam):
+            raise InputError(f"{src} is already a transformers SAM")
+        if kind in ("vit_b", "vit_l", "vit_h"):
+            sizes = {
+                "vit_b": (768, 12, 12, (2, 5, 8, 11)),
+                "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
+                "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
+            }[kind]
+            arch = SamArchitecture(
+                img_size=1024,
+                patch_size=16,
+                encoder_dim=sizes[0],
+                encoder_depth=sizes[1],
+                encoder_heads=sizes[2],
+                window_size=14,
+                global_attn_indexes=sizes[3],
+                use_rel_pos=True,
+                prompt_dim=256,
+                decoder_depth=2,
+                decoder_heads=8,
+                decoder_mlp=2048,
+            )
+        else:
+            import json as _json
+
+            from grounding.sam import TESTBED_SAM
+
+            d = TESTBED_SAM if src == "testbed" else Path(src)
+            arch = SamArchitecture.from_json(_json.loads((d / "sam_config.json").read_text())["architecture"])
+        to_hf(seg.model.state_dict(), arch, out)
+        typer.echo(f"wrote {out}")

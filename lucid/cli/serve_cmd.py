@@ -1,0 +1,132 @@
+"""`lucid serve`: the REST API on Ray Serve, in the foreground."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lucid.cli.segment_cmd import SAM_HELP
+from lucid.errors import InputError
+
+
+def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        config: Annotated[
+            Path | None, typer.Option(help="A Ray Serve config file (serve deploy format; see README).")
+        ] = None,
+        host: Annotated[str | None, typer.Option(help="Listen address (default 127.0.0.1, or the config's).")] = None,
+        port: Annotated[
+            int | None, typer.Option(min=0, max=65535, help="Port (default 8000, or the config's).")
+        ] = None,
+        model: Annotated[str | None, typer.Option(help="'testbed' or a local llava-hf checkpoint directory.")] = None,
+        sam: Annotated[str | None, typer.Option(help=SAM_HELP)] = None,
+        image_root: Annotated[Path | None, typer.Option(help="Serve local image paths under this directory.")] = None,
+        address: Annotated[
+            str | None, typer.Option(help="Join a running Ray cluster (auto or HOST:PORT) instead of starting one.")
+        ] = None,
+    ) -> None:
+        """Serve Lucid over REST (OpenAI-compatible chat, segment, evals, a web page) until Ctrl-C."""
+        from serve.config import AppConfig, HttpOptions, read_config
+
+        if config is not None:
+            cfg, http, _ = read_config(config)
+        else:
+            cfg, http = AppConfig(), HttpOptions()
+        over = {k: v for k, v in {"model": model, "sam": sam}.items() if v is not None}
+        if image_root is not None:
+            if not image_root.is_dir():
+                raise InputError(f"--image-root {image_root} is not a directory")
+            over["image_root"] = str(image_root.resolve())
+        if over:
+            cfg = cfg.model_copy(update=over)
+        if cfg.image_root is not None:
+            cfg = cfg.model_copy(update={"image_root": str(Path(cfg.image_root).resolve())})
+        cfg = cfg.model_copy(update={"eval_root": str(Path(cfg.eval_root).resolve())})
+        if cfg.model != "testbed" and Path(cfg.model).exists():  # replicas and eval jobs may run elsewhere
+            cfg = cfg.model_copy(update={"model": str(Path(cfg.model).resolve())})
+        from vlm.checkpoint import inspect_checkpoint
+
+        inspect_checkpoint(cfg.model)
+        from grounding.sam import check_sam_spec
+
+        check_sam_spec(cfg.sam)
+        run_server(cfg, host or http.host, http.port if port is None else port, address)
+
+
+def run_server(cfg, host: str, port: int, address: str | None = None) -> None:
+    """Start Ray (or join `address`), Serve on host:port and the app; block until SIGINT/SIGTERM."""
+    import socket
+
+    with socket.socket() as s:  # a taken port: say so now (Serve would fail after starting everything)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from serve.app import build_app, cpus_needed
+
+    t0 = time.perf_counter()
+    try:
+        if address:
+            from evals.job import ray_auth
+
+            ray_auth()
+            ctx = ray.init(address=address, log_to_driver=False)
+        else:
+            ctx = ray.init(
+                num_cpus=os.cpu_count(),
+                include_dashboard=cfg.evals,
+                dashboard_host="127.0.0.1",
+                log_to_driver=False,
+            )
+    except Exception as e:  # Ray's own refusal (an unreachable address, an auth token it cannot read, ...)
+        from evals.job import ray_refusal
+
+        raise InputError(ray_refusal(e, address)) from None
+    stop = threading.Event()
+    try:
+        have = ray.cluster_resources().get("CPU", 0)
+        need = cpus_needed(cfg)
+        if need > have + 1e-9:
+            raise InputError(
+                f"the service needs {need:g} CPUs (vlm {cfg.vlm_replicas} x {cfg.vlm_cpus:g}, sam {cfg.sam_replicas} "
+                f"x {cfg.sam_cpus:g}, ingress {cfg.ingress_cpus:g}) but the Ray cluster has {have:g}; "
+                "lower the replicas or CPUs per replica in the config"
+            )
+        if cfg.evals and cfg.dashboard_address is None and getattr(ctx, "dashboard_url", None):
+            cfg = cfg.model_copy(update={"dashboard_address": f"http://{ctx.dashboard_url}"})
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(
+            build_app(cfg),
+            name="lucid",
+            route_prefix="/",
+            logging_config={"enable_access_log": False, "log_level": "WARNING"},
+        )
+        url = f"http://{host}:{port}"
+        typer.echo(f"lucid serve: ready at {url} ({time.perf_counter() - t0:.1f} s; Ctrl-C stops)", err=True)
+        typer.echo(url)
+        sys.stdout.flush()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.is_set():
+            stop.wait(0.5)
+        typer.echo("lucid serve: stopping", err=True)
+    finally:
+        if address:
+            try:
+                serve.delete("lucid")
+            except Exception:
+                pass
+        ray.shutdown()

@@ -1,0 +1,175 @@
+"""Quality of a SAM on fresh held-out shapes-world scenes (`lucid testbed eval-sam`).
+
+Prompt kinds, each scored by IoU with the object's exact visible mask at the original resolution:
+
+* `point`: one random interior pixel, three masks, the top-scored one (how SAM is used on a click);
+* `point_single`: the same point, one mask;
+* `box`: the object's tight box;
+* `points`: two interior pixels and one background pixel;
+* `point_box`: the point and the box;
+* `refine`: the `point` prompt again with its chosen mask's low-res logits fed back as `mask_input`
+  (one mask): must not be worse than `point`.
+
+Splits: `heldout` (`WorldConfig()` scenes at independent widths and heights of 64-256 px, seeds never
+used in training) and `foreign` (`testbed.world.foreign`, drawn by matplotlib at 64-320 px).
+
+`attention_to_sam` scores the text-query path of `lucid segment` on the localization items of
+`testbed.studies.localization.eval_items` ("the {colour} {shape}" for objects unique in their scene): mask mIoU
+and box accuracy (the mask's box at IoU >= 0.5 with the object's box) for each attention prompt, beside
+the oracle (a ground-truth interior point -> SAM).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from grounding.sam import SamPrompt, Segmenter
+from grounding.segment import ATTENTION_PROMPTS, attention_prompt
+from testbed.studies.evaluate import box_iou
+from testbed.world.foreign import draw_foreign_scene
+from testbed.world.scenes import WorldConfig, render_scene
+
+log = logging.getLogger(__name__)
+KINDS = ("point", "point_single", "box", "points", "point_box", "refine")
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def heldout_scenes(seed: int, n: int) -> Iterable[tuple[object, list, str]]:
+    """(image, [(label, mask, bbox)], split) for `n` held-out scenes at random sizes."""
+    for i in range(n):
+        ss = np.random.SeedSequence([seed, i, 17])
+        rng = np.random.default_rng(ss)
+        w, h = (int(v) for v in rng.integers(64, 257, 2))
+        scene = render_scene(int(ss.generate_state(1)[0]), WorldConfig(size=(w, h)))
+        yield scene.image, [(o.name, o.mask, o.bbox) for o in scene.objects], "heldout"
+
+
+def foreign_scenes(seed: int, n: int) -> Iterable[tuple[object, list, str]]:
+    for i in range(n):
+        f = draw_foreign_scene(seed + 104_729 * (i + 1))
+        yield f.image, [(f"{o.color} {o.shape}", o.mask, o.bbox) for o in f.objects if o.mask.any()], "foreign"
+
+
+def _pixel(rng: np.random.Generator, mask: np.ndarray) -> tuple[float, float]:
+    ys, xs = np.nonzero(mask)
+    i = int(rng.integers(len(xs)))
+    return float(xs[i]), float(ys[i])
+
+
+def interior_point(mask: np.ndarray) -> tuple[float, float]:
+    """The mask pixel nearest the mask's centroid (a ground-truth interior point)."""
+    ys, xs = np.nonzero(mask)
+    cx, cy = xs.mean(), ys.mean()
+    i = int(np.argmin((xs - cx) ** 2 + (ys - cy) ** 2))
+    return float(xs[i]), float(ys[i])
+
+
+def prompt_quality(
+    segmenter: Segmenter, seed: int = 2024, n_scenes: int = 300, n_foreign: int = 100, progress: bool = True
+) -> dict:
+    """mIoU per split and prompt kind (and per shape for `point` / `box`), with object counts."""
+    rng = np.random.default_rng(seed)
+    ious: dict[tuple[str, str], list[float]] = defaultdict(list)
+    by_shape: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    embed_s, decode_s = [], []
+    items = list(heldout_scenes(seed, n_scenes)) + list(foreign_scenes(seed, n_foreign))
+    for image, objects, split in tqdm(items, desc="eval-sam", disable=not progress, mininterval=5):
+        if not objects:
+            continue
+        prompts, meta = [], []
+        for label, mask, bbox in objects:
+            pt = _pixel(rng, mask)
+            box = tuple(float(v) for v in bbox)
+            ys, xs = np.nonzero(~mask)
+            j = int(rng.integers(len(xs)))
+            two = (pt, _pixel(rng, mask), (float(xs[j]), float(ys[j])))
+            prompts += [
+                SamPrompt((pt,), (1,), multimask=True),
+                SamPrompt((pt,), (1,), multimask=False),
+                SamPrompt(box=box),
+                SamPrompt(two, (1, 1, 0)),
+                SamPrompt((pt,), (1,), box),
+            ]
+            meta.append((label, mask))
+        results = segmenter.segment(image, prompts)
+        embed_s.append(segmenter.timings["embed"])
+        decode_s.append(segmenter.timings["decode"] / len(prompts))
+        refine = []
+        for k, (label, mask) in enumerate(meta):
+            rs = results[5 * k : 5 * k + 5]
+            for kind, r in zip(KINDS[:5], rs):
+                ious[(split, kind)].append(mask_iou(r.mask, mask))
+            by_shape[(split, "point", label.split()[-1])].append(mask_iou(rs[0].mask, mask))
+            by_shape[(split, "box", label.split()[-1])].append(mask_iou(rs[2].mask, mask))
+            first = prompts[5 * k]
+            refine.append(SamPrompt(first.points, (1,), mask_input=rs[0].low_res[rs[0].best], multimask=False))
+        for (_label, mask), r in zip(meta, segmenter.segment(image, refine)):
+            ious[(split, "refine")].append(mask_iou(r.mask, mask))
+    out: dict = {"seed": seed, "n_scenes": n_scenes, "n_foreign": n_foreign}
+    for split in ("heldout", "foreign"):
+        rows = {kind: round(float(np.mean(ious[(split, kind)])), 4) for kind in KINDS if ious[(split, kind)]}
+        rows["objects"] = len(ious[(split, "point")])
+        rows["point_iou_ge_0.5"] = round(float(np.mean(np.array(ious[(split, "point")]) >= 0.5)), 4)
+        rows["by_shape"] = {
+            f"{kind}/{shape}": round(float(np.mean(v)), 4)
+            for (s, kind, shape), v in sorted(by_shape.items())
+            if s == split
+        }
+        out[split] = rows
+    out["latency_ms"] = {
+        "embed_p50": round(1000 * float(np.median(embed_s)), 2),
+        "decode_per_prompt_p50": round(1000 * float(np.median(decode_s)), 2),
+    }
+    return out
+
+
+def attention_to_sam(
+    vlm,
+    segmenter: Segmenter,
+    selection,
+    seed: int = 12345,
+    n_scenes: int = 200,
+    n_foreign: int = 100,
+    locate_params=None,
+    progress: bool = True,
+) -> dict:
+    """mIoU and box accuracy of attention -> SAM per attention prompt, beside the oracle, per split."""
+    from grounding.location import LocateParams, locate_batch
+    from testbed.studies.localization import eval_items
+
+    items = eval_items(seed, n_scenes, n_foreign)
+    params = locate_params or LocateParams()
+    scores: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    pointing: dict[str, list[bool]] = defaultdict(list)
+    batch = 16
+    for start in tqdm(range(0, len(items), batch), desc="attention->sam", disable=not progress, mininterval=5):
+        chunk = items[start : start + batch]
+        locs = locate_batch(vlm, [it.image for it in chunk], [it.query for it in chunk], selection, params)
+        for it, loc in zip(chunk, locs):
+            prompts = [attention_prompt(loc, how) for how in ATTENTION_PROMPTS]
+            prompts.append(SamPrompt((interior_point(it.mask),), (1,)))
+            for how, r in zip((*ATTENTION_PROMPTS, "oracle_point"), segmenter.segment(it.image, prompts)):
+                iou = mask_iou(r.mask, it.mask)
+                mb = r.boxes()[r.best]
+                scores[(it.split, how)].append(
+                    (iou, float(box_iou(tuple(mb), tuple(float(v) for v in it.bbox)) >= 0.5))
+                )
+            x, y = prompts[0].points[0]
+            pointing[it.split].append(bool(it.mask[int(y), int(x)]))
+    out: dict = {"seed": seed, "n_scenes": n_scenes, "n_foreign": n_foreign, "locate": params.__dict__}
+    for split in sorted(pointing):
+        row = {"items": len(pointing[split]), "pointing": round(float(np.mean(pointing[split])), 4)}
+        for how in (*ATTENTION_PROMPTS, "oracle_point"):
+            v = np.array(scores[(split, how)])
+            row[how] = {"miou": round(float(v[:, 0].mean()), 4), "box_acc": round(float(v[:, 1].mean()), 4)}
+        out[split] = row
+    return out
