@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from collections import deque
@@ -46,10 +45,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from evals.paths import slug
 from evals.suites import Data, Sample, Suite, build, limit_per_split
 from lucid.errors import InputError
+from lucid.ray_client import ray_auth, ray_refusal
 
-BASELINE = "baseline"
 MAX_IN_FLIGHT = 2  # batches queued per worker: the next batch is ready when one returns
 TASK_RETRIES = 3
 
@@ -124,29 +124,6 @@ class Plan:
 # ------------------------------------------------------------------------------------------------ plan
 
 
-def slug(text: str) -> str:
-    """A readable, path-safe name; a short hash keeps distinct texts distinct."""
-    s = re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_.") or "x"
-    return s if s == text else f"{s[:80]}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
-
-
-def parse_method_set(text: str | tuple | list) -> tuple[str, list[dict]]:
-    """'baseline' -> ('baseline', []); 'paint:heads=uniform+vhr' -> (label, [to_json, ...]); a list or
-    tuple of method specs (any form `parse_methods` takes) is one composed set."""
-    from mitigation.methods import parse_methods
-
-    if isinstance(text, (tuple, list)):
-        methods = parse_methods(list(text))
-        if not methods:
-            return BASELINE, []
-        return "+".join(m.label for m in methods), [m.to_json() for m in methods]
-    text = text.strip()
-    if text in ("", BASELINE):
-        return BASELINE, []
-    methods = parse_methods([p for p in text.split("+") if p.strip()])
-    return "+".join(m.label for m in methods), [m.to_json() for m in methods]
-
-
 def make_plan(spec: JobSpec) -> Plan:
     """Everything checked, nothing started (see the module docstring)."""
     from vlm.checkpoint import TESTBED, inspect_checkpoint, weights_hash
@@ -163,6 +140,8 @@ def make_plan(spec: JobSpec) -> Plan:
         raise JobError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
     if spec.workers and not (spec.address or os.environ.get("RAY_ADDRESS")):
         _check_need(spec, os.cpu_count() or 1, None, "this machine (a local Ray instance)")
+    from mitigation.methods import BASELINE, parse_method_set  # torch: after the cheap checks above
+
     sets = ([(BASELINE, [])] if spec.baseline else []) + [parse_method_set(t) for t in spec.methods]
     sets = list({label: (label, ms) for label, ms in sets}.values())
     if not sets:
@@ -467,40 +446,6 @@ def _throughput(model: Model, spec: JobSpec, infos: list[dict], n: int, start: f
         "driver_s": round(acct["driver_s"], 3),  # judging answers and appending records
         "workers_info": infos,
     }
-
-
-def ray_token_available() -> bool:
-    """Whether Ray would find an auth token here: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or
-    ~/.ray/auth_token (where `ray get-auth-token --generate` and a token-auth head write it)."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    return Path(path).is_file() if path else (Path.home() / ".ray" / "auth_token").is_file()
-
-
-def ray_auth() -> None:
-    """A cluster started with token auth (`RAY_AUTH_MODE=token ray start ...`) only accepts clients that
-    send its token, and a client only sends it with RAY_AUTH_MODE=token set before Ray reads its config.
-    Ray's own rule for that (a token available and RAY_AUTH_MODE unset: token mode), applied for this
-    process and its children. A cluster without token auth ignores the token."""
-    if "RAY_AUTH_MODE" in os.environ or not ray_token_available():
-        return
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # also refreshes Ray's cached config
-    except ImportError:  # another Ray version: the environment variable alone
-        pass
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # for child processes (e.g. the job's own ray.init)
-
-
-def ray_refusal(e: Exception, address: str | None) -> str:
-    """One line for Ray refusing to start or to let us join (for `lucid eval` and `lucid serve`)."""
-    first = " ".join(str(e).split())[:400] or type(e).__name__
-    where = f"join the Ray cluster at {address}" if address else "start Ray"
-    return f"could not {where}: {type(e).__name__}: {first}"
 
 
 def _ray_init(spec: JobSpec, log) -> bool:

@@ -110,7 +110,7 @@ def _r(pair) -> list[float]:
 
 def compute(plan, runs: list[dict]) -> dict:
     """The results dict from the records of every cell (all samples answered)."""
-    from evals.job import BASELINE
+    from mitigation.methods import BASELINE
 
     spec = plan.spec
     results: dict = {}
@@ -201,6 +201,19 @@ def _fmt(v: float) -> str:
     return f"{v:.3f}"
 
 
+def interval_cell(e: dict, k: str, joiner: str = "<br>") -> str:
+    """One metric of a results entry as text: "0.912 [0.880, 0.940]", then (when a baseline was run) the
+    paired difference, its interval and p: "+0.012 [-0.004, 0.030] p=0.14"; the report's table cells
+    (`joiner` <br>) and `lucid eval`'s summary lines (`joiner` " vs baseline ") both use it."""
+    lo, hi = e["ci95"].get(k, (e[k], e[k]))
+    text = f"{_fmt(e[k])} [{_fmt(lo)}, {_fmt(hi)}]"
+    v = e.get("vs_baseline", {}).get(k)
+    if v is not None:
+        lo_d, hi_d = v["ci95"]
+        text += f"{joiner}{v['diff']:+.3f} [{lo_d:+.3f}, {hi_d:+.3f}] p={v['p']:.3g}"
+    return text
+
+
 def markdown(res: dict, charts: dict[str, str] | None = None) -> str:
     cfg = res["config"]
     lines = ["# Evaluation report", ""]
@@ -233,15 +246,7 @@ def markdown(res: dict, charts: dict[str, str] | None = None) -> str:
             lines += ["| model | method set | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
             for model, by_label in by_model.items():
                 for label, e in by_label.items():
-                    cells = []
-                    for k in names:
-                        lo, hi = e["ci95"].get(k, (e[k], e[k]))
-                        text = f"{_fmt(e[k])} [{_fmt(lo)}, {_fmt(hi)}]"
-                        v = e.get("vs_baseline", {}).get(k)
-                        if v is not None:
-                            lo_d, hi_d = v["ci95"]
-                            text += f"<br>{v['diff']:+.3f} [{lo_d:+.3f}, {hi_d:+.3f}] p={v['p']:.3g}"
-                        cells.append(text)
+                    cells = [interval_cell(e, k) for k in names]
                     mc = e.get("vs_baseline", {}).get("mcnemar")
                     if mc is not None and cells:
                         cells[0] += f" (McNemar p={mc['p']:.3g})"
@@ -322,6 +327,6 @@ def write_charts(res: dict, out: Path) -> dict[str, str]:
 
 
 def _file(text: str) -> str:
-    from evals.job import slug
+    from evals.paths import slug
 
     return slug(text)

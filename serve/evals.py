@@ -31,7 +31,7 @@ class EvalJobs:
     @property
     def client(self):
         if self._client is None:
-            from evals.job import ray_auth
+            from lucid.ray_client import ray_auth
 
             ray_auth()
             from ray.job_submission import JobSubmissionClient
@@ -41,8 +41,8 @@ class EvalJobs:
 
     def argv(self, req: EvalRequest, model_path: str, out: Path) -> list[str]:
         """The `lucid eval` command line of a request (checked: suites and method sets parse)."""
-        from evals.job import parse_method_set
         from evals.suites import SUITES
+        from mitigation.methods import parse_method_set
 
         for s in req.suites:
             name = s.split(":", 1)[0]

@@ -2,7 +2,8 @@
 process, and writes a well-formed table with ratios and intervals. (No timing asserts: speed is reported,
 not tested.)"""
 
-from lucid.bench.methods import PATHS, BenchModel, bootstrap_median, render_markdown, run_bench, summarise
+from lucid.bench.methods import PATHS, BenchModel, render_markdown, run_bench, summarise
+from lucid.bench.stats import bootstrap_median
 
 
 def test_bench_quick_writes_all_paths(tmp_path):

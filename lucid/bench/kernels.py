@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from kernels.reference import AttentionEdit, KeyEdit, Redistribution, edited_attention_reference
+from lucid.bench.stats import bootstrap_median
 
 H, D = 32, 128
 TEXT_BEFORE, IMAGE, TEXT_AFTER, DECODE_TK = 35, 576, 29, 700
@@ -71,17 +72,6 @@ def llava15_inputs(tq: int, tk: int, b: int, device, dtype=torch.bfloat16, seed:
     q = torch.randn(b, tq, H, D, generator=g).to(device, dtype).transpose(1, 2)
     k, v = (torch.randn(b, H, tk, D, generator=g).to(device, dtype) for _ in range(2))
     return q, k, v
-
-
-def bootstrap_median(values: list[float], seed: int = 0, n: int = 2000) -> tuple[float, float, float]:
-    """(median, 2.5 %, 97.5 %) of the median of `values` under resampling (seeded)."""
-    import numpy as np
-
-    v = np.asarray(values, dtype=float)
-    if len(v) == 1:
-        return float(v[0]), float(v[0]), float(v[0])
-    meds = np.median(v[np.random.default_rng(seed).integers(0, len(v), (n, len(v)))], axis=1)
-    return float(np.median(v)), float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
 
 
 def _paths(tq: int, tk: int, b: int, device) -> dict:

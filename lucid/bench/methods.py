@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lucid.bench.stats import bootstrap_median
+
 BASE_PATHS = ("sdpa", "lucid-idle", "lucid-record", "lucid-risk", "eager+attn")
 #: method paths -> the registry specs they run ("+" composes)
 METHOD_SPECS = {
@@ -284,17 +286,6 @@ def _subprocess(args: list[str], device: str | None) -> dict | float:
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def bootstrap_median(values: list[float], seed: int = 0, n: int = 2000) -> tuple[float, float, float]:
-    """(median, 2.5 %, 97.5 %) of the median of `values` under resampling."""
-    import numpy as np
-
-    v = np.asarray(values, dtype=float)
-    if len(v) == 1:
-        return float(v[0]), float(v[0]), float(v[0])
-    meds = np.median(v[np.random.default_rng(seed).integers(0, len(v), (n, len(v)))], axis=1)
-    return float(np.median(v)), float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
 
 
 def summarise(raw: dict, memory: dict[str, float]) -> list[dict]:

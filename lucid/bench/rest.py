@@ -52,7 +52,7 @@ def measure(rounds: int, n_load: int, levels: tuple[int, ...], wait: float = 0.0
     import torch
     from ray import serve
 
-    from lucid.bench.methods import bootstrap_median
+    from lucid.bench.stats import bootstrap_median
     from serve.app import build_app
     from serve.config import AppConfig
     from serve.engine import ChatJob

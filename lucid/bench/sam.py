@@ -17,12 +17,7 @@ import time
 
 import numpy as np
 
-
-def _bootstrap(values: list[float], seed: int = 0, n: int = 2000) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    v = np.asarray(values)
-    meds = np.median(v[rng.integers(0, len(v), (n, len(v)))], axis=1)
-    return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
+from lucid.bench.stats import bootstrap_median
 
 
 def measure(spec: str = "testbed", rounds: int = 30, seed: int = 0) -> dict:
@@ -76,7 +71,7 @@ def measure(spec: str = "testbed", rounds: int = 30, seed: int = 0) -> dict:
     ratios = {}
     for w in whats:
         per_round = [t / o for t, o in zip(times[("transformers", w)], times[("segment-anything", w)])]
-        ratios[w] = (statistics.median(per_round), *_bootstrap(per_round, seed))
+        ratios[w] = bootstrap_median(per_round, seed)
     tmp.cleanup()
     return {"rows": rows, "ratios": ratios, "rounds": rounds}
 

@@ -47,20 +47,14 @@ def _list_suites() -> str:
 
 def _summary(res: dict) -> str:
     from evals.metrics import PRIMARY
+    from evals.report import interval_cell
 
     lines = []
     for task, by_model in res["results"].items():
         for model, by_label in by_model.items():
             for label, e in by_label.items():
                 keys = PRIMARY[e["kind"]]
-                vals = []
-                for k in keys:
-                    lo, hi = e["ci95"].get(k, (e[k], e[k]))
-                    text = f"{k} {e[k]:.3f} [{lo:.3f}, {hi:.3f}]"
-                    cmp = e.get("vs_baseline", {}).get(k)
-                    if cmp is not None:
-                        text += f" ({cmp['diff']:+.3f}, p={cmp['p']:.2g})"
-                    vals.append(text)
+                vals = [f"{k} " + interval_cell(e, k, joiner=" vs baseline ") for k in keys]
                 lines.append(f"{task}  {model}  {label}  n={e['n']}  " + "  ".join(vals))
     return "\n".join(lines)
 
@@ -69,7 +63,7 @@ def _submit(dashboard: str, argv: list[str], no_wait: bool) -> int:
     """Submit `lucid eval argv` as a Ray job; stream its logs; the job's outcome is the exit code."""
     import asyncio
 
-    from evals.job import ray_auth
+    from lucid.ray_client import ray_auth
 
     ray_auth()  # a token in ~/.ray/auth_token and RAY_AUTH_MODE unset: send it (Ray's rule)
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -235,7 +229,7 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
         inspect_checkpoint(model)
         quiet()
         methods = parse_method_options(method)  # MethodError (exit 2) before any work
-        from evals.suites.testbed import testbed_eval_metrics
+        from evals.testbed_metrics import testbed_eval_metrics
 
         typer.echo(f"testbed eval: {n} scenes, seed {seed}, model {model}", err=True)
         with stdout_to_stderr():

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from lucid.cli.segment_cmd import SAM_HELP
+from grounding.sam import SAM_HELP  # the spec registry's help (light: no torch)
 from lucid.errors import InputError
 
 
@@ -80,7 +80,7 @@ def run_server(cfg, host: str, port: int, address: str | None = None) -> None:
     t0 = time.perf_counter()
     try:
         if address:
-            from evals.job import ray_auth
+            from lucid.ray_client import ray_auth
 
             ray_auth()
             ctx = ray.init(address=address, log_to_driver=False)
@@ -92,7 +92,7 @@ def run_server(cfg, host: str, port: int, address: str | None = None) -> None:
                 log_to_driver=False,
             )
     except Exception as e:  # Ray's own refusal (an unreachable address, an auth token it cannot read, ...)
-        from evals.job import ray_refusal
+        from lucid.ray_client import ray_refusal
 
         raise InputError(ray_refusal(e, address)) from None
     stop = threading.Event()

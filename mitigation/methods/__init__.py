@@ -10,6 +10,7 @@ Registered: `pai` (PAI, ECCV 2024), `paint` (the imbalanced-attention fix, arXiv
 
 from mitigation.methods import pai, paint, var, vhr  # noqa: F401  (registers the methods)
 from mitigation.methods.registry import (
+    BASELINE,
     METHODS,
     Method,
     MethodError,
@@ -19,6 +20,7 @@ from mitigation.methods.registry import (
     names,
     param,
     parse_method,
+    parse_method_set,
     parse_methods,
     register,
     request_schema,
@@ -26,6 +28,7 @@ from mitigation.methods.registry import (
 )
 
 __all__ = [
+    "BASELINE",
     "METHODS",
     "Method",
     "MethodError",
@@ -35,6 +38,7 @@ __all__ = [
     "names",
     "param",
     "parse_method",
+    "parse_method_set",
     "parse_methods",
     "register",
     "request_schema",

@@ -427,3 +427,22 @@ def describe() -> list[dict[str, Any]]:
             )
         rows.append({"name": n, "summary": _doc(cls)[0], "paper": cls.paper, "params": params})
     return rows
+
+
+#: The method set of no method: the column every other set is compared with.
+BASELINE = "baseline"
+
+
+def parse_method_set(text: str | tuple | list) -> tuple[str, list[dict]]:
+    """'baseline' -> ('baseline', []); 'paint:heads=uniform+vhr' -> (label, [to_json, ...]); a list or
+    tuple of method specs (any form `parse_methods` takes) is one composed set."""
+    if isinstance(text, (tuple, list)):
+        methods = parse_methods(list(text))
+        if not methods:
+            return BASELINE, []
+        return "+".join(m.label for m in methods), [m.to_json() for m in methods]
+    text = text.strip()
+    if text in ("", BASELINE):
+        return BASELINE, []
+    methods = parse_methods([p for p in text.split("+") if p.strip()])
+    return "+".join(m.label for m in methods), [m.to_json() for m in methods]

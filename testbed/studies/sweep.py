@@ -34,12 +34,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from mitigation.methods.registry import BASELINE
 from testbed.studies.evaluate import EvalConfig, evaluate
 
 CALIBRATION_SEED = 4242
 HELDOUT_SEED = 12345
 SWEEP_FAMILIES = ("pope_random", "pope_popular", "pope_adversarial", "partner_absent", "caption")
-BASELINE = "baseline"
 
 GRIDS: dict[str, tuple[str, ...]] = {
     "defaults": (BASELINE, "pai", "paint", "vhr", "var"),
