@@ -47,14 +47,12 @@ class CalibrationSet:
 def calibration_from_testbed(seed: int = TESTBED_SEED, n_scenes: int = TESTBED_SCENES) -> CalibrationSet:
     """Scenes `testbed.world.scenes.scenes(seed, n_scenes, WorldConfig())`; one sample "the {colour} {shape}"
     per visible object whose category is unique in its scene (a referring phrase names one object)."""
-    from testbed.world.scenes import WorldConfig, scenes
+    from testbed.world.scenes import WorldConfig, referable_objects, scenes
 
     samples = []
     for scene in scenes(seed, n_scenes, WorldConfig()):
-        cats = [o.category for o in scene.all_objects(include_occluded=True)]
-        for o in scene.objects:
-            if cats.count(o.category) == 1:
-                samples.append(Sample(scene.image, f"the {o.color} {o.shape}"))
+        for o in referable_objects(scene):
+            samples.append(Sample(scene.image, f"the {o.color} {o.shape}"))
     return CalibrationSet(f"testbed:seed={seed}:scenes={n_scenes}", tuple(samples))
 
 

@@ -75,6 +75,37 @@ def test_threshold_and_component_choices():
         LocateParams(threshold="otsu")
 
 
+def test_pointing_hit_is_the_hottest_cells_centre_on_the_mask():
+    from grounding.scoring import cells_on_mask, on_mask, pointing_hit, pointing_hits
+
+    layout = _layout(clip_geometry((96, 96), 96, None, (96, 96)))  # identity: cell (r, c) = [8c, 8c + 8) x ...
+    g = np.zeros((12, 12))
+    g[2, 3] = 1.0  # hottest: cell (2, 3), centre (28, 20)
+    g[7, 7] = 0.5
+    covered = np.zeros((96, 96), bool)
+    covered[16:24, 24:32] = True
+    covered[20, 28] = False  # the whole cell but its centre pixel (>= 50 % coverage is not the rule)
+    assert not pointing_hit(g, layout, covered)
+    dot = np.zeros((96, 96), bool)
+    dot[20, 28] = True  # one pixel, at the centre
+    assert pointing_hit(g, layout, dot) and pointing_hit(g.reshape(-1), layout, dot)  # [rows, cols] or [N]
+    assert not pointing_hit(-g, layout, dot)  # another cell is hottest
+    cool = np.zeros((96, 96), bool)
+    cool[60, 60] = True  # centre of cell (7, 7): second hottest only
+    assert not pointing_hit(g, layout, cool)
+    assert pointing_hit(np.zeros((12, 12)), layout, np.pad(np.ones((1, 1), bool), ((4, 91), (4, 91))))  # tie: (0, 0)
+    assert cells_on_mask(layout, dot).sum() == 1 and cells_on_mask(layout, dot)[2, 3]
+    stack = np.stack([g.reshape(-1), -g.reshape(-1)]).reshape(2, 1, 144)
+    assert pointing_hits(stack, layout, dot).tolist() == [[True], [False]]
+    # through a geometry: pad-to-square of a 100 x 200 image; cell (3, 6) has its centre at (58.33, 58.33)
+    padded = _layout(pad_geometry((100, 200), 96, None, (96, 96)))
+    m = np.zeros((200, 100), bool)
+    m[58, 58] = True
+    h = np.zeros((12, 12))
+    h[3, 6] = 1.0
+    assert pointing_hit(h, padded, m) and not on_mask(m, (58.0, -0.5)) and not on_mask(m, (100.0, 58.0))
+
+
 def test_locate_end_to_end_on_the_embedded_model(testbed_vlm):
     from testbed.world.scenes import WorldConfig, scenes
 

@@ -15,8 +15,8 @@ from PIL import Image
 from grounding.sam import TESTBED_SAM, PromptError, SamPrompt, load_segmenter, mask_box
 from grounding.sam_import import _batched_nms, _resize, import_segment_anything
 from grounding.sam_model import SamArchitecture, build_sam, decode_batched
+from grounding.scoring import mask_iou
 from grounding.segment import decode_rle, encode_rle
-from testbed.studies.sam_eval import mask_iou
 from testbed.world.scenes import WorldConfig, render_scene
 
 SMALL = SamArchitecture(

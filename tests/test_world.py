@@ -75,3 +75,27 @@ def test_occluded_partners_are_hidden_behind_their_anchor():
     assert found > 20
     # the evaluation distribution has none
     assert not any(s.occluded for s in scenes(5, 200))
+
+
+def test_referable_objects_are_those_a_colour_shape_phrase_names_uniquely():
+    from PIL import Image
+
+    from testbed.world.scenes import Scene, SceneObject, referable_objects
+
+    def obj(color, shape):
+        return SceneObject(shape, color, (0, 0, 0), (0, 0, 1, 1), np.ones((1, 1), bool))
+
+    red_c, blue_s1, blue_s2, green_t, yellow_c = (
+        obj("red", "circle"),
+        obj("blue", "square"),
+        obj("blue", "square"),
+        obj("green", "triangle"),
+        obj("yellow", "circle"),
+    )
+    scene = Scene(Image.new("RGB", (1, 1)), (red_c, blue_s1, green_t, blue_s2), 128, 0, occluded=(yellow_c,))
+    assert referable_objects(scene) == [red_c, green_t]  # the two blue squares are ambiguous
+    hidden_twin = Scene(Image.new("RGB", (1, 1)), (red_c, green_t), 128, 0, occluded=(obj("red", "circle"),))
+    assert referable_objects(hidden_twin) == [green_t]  # an occluded twin makes the phrase ambiguous too
+    for s in scenes(5, 30, TRAIN_CONFIG):
+        cats = [o.category for o in s.all_objects(include_occluded=True)]
+        assert [o.category for o in referable_objects(s)] == [c for c in cats[: len(s.objects)] if cats.count(c) == 1]

@@ -126,14 +126,13 @@ class TestbedLocate(_Grounding):
     KIND = "locate"
 
     def judge(self, sample: Sample, answer, finish_reason: str = "located") -> dict:
-        from testbed.studies.evaluate import box_iou
-        from testbed.studies.localization import _on_mask
+        from grounding.scoring import box_iou, on_mask
 
         it = self.item(sample)
         box, point = tuple(answer["box"]), tuple(answer["point"])
         return {
             "pred": {"box": [round(v, 2) for v in box], "point": [round(v, 2) for v in point]},
-            "stats": {"on_object": int(_on_mask(it.mask, point)), "iou": float(box_iou(box, it.bbox))},
+            "stats": {"on_object": int(on_mask(it.mask, point)), "iou": float(box_iou(box, it.bbox))},
         }
 
 
@@ -168,10 +167,8 @@ class TestbedSegment(_Grounding):
         return {**super().task_payload(samples), "sam": self.params["sam"].strip(), "prompt": self.params["prompt"]}
 
     def judge(self, sample: Sample, answer, finish_reason: str = "segmented") -> dict:
+        from grounding.scoring import box_iou, mask_iou, on_mask
         from grounding.segment import decode_rle
-        from testbed.studies.evaluate import box_iou
-        from testbed.studies.localization import _on_mask
-        from testbed.studies.sam_eval import mask_iou
 
         it = self.item(sample)
         mask = decode_rle(answer["mask"])
@@ -181,6 +178,6 @@ class TestbedSegment(_Grounding):
             "stats": {
                 "mask_iou": mask_iou(mask, it.mask),
                 "box_iou": float(box_iou(box, tuple(float(v) for v in it.bbox))),
-                "on_object": int(_on_mask(it.mask, tuple(answer["pixel"]))),
+                "on_object": int(on_mask(it.mask, tuple(answer["pixel"]))),
             },
         }

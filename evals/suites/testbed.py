@@ -158,7 +158,8 @@ class TestbedQA(_Testbed):
         return qa.answer.lower() if family == "foreign_pope" else qa.answer
 
     def judge(self, sample: Sample, answer: str, finish_reason: str = "eos") -> dict:
-        from testbed.studies.evaluate import box_iou, parse_yes_no
+        from grounding.scoring import box_iou
+        from testbed.studies.evaluate import parse_yes_no
         from testbed.world.language import parse_box
 
         if sample.split == "foreign_pope":

@@ -17,6 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
+from grounding.scoring import box_iou
 from mitigation import Plan
 from mitigation.methods import Method
 from testbed.world.foreign import ForeignScene, draw_foreign_scene
@@ -34,7 +35,7 @@ from testbed.world.language import (
     pope_questions,
     where_question,
 )
-from testbed.world.scenes import SHAPES, TRAIN_CONFIG, Scene, WorldConfig, partner_of, scenes
+from testbed.world.scenes import SHAPES, TRAIN_CONFIG, Scene, WorldConfig, partner_of, referable_objects, scenes
 from vlm import VLM, SamplingParams, build_inputs, generate
 
 
@@ -88,20 +89,6 @@ def absent_partners(scene: Scene) -> list[tuple[str, str]]:
     cats = scene.categories()
     out = {partner_of(c) for c in cats} - cats - {None}
     return sorted(out)  # type: ignore[arg-type]
-
-
-def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def referable_objects(scene: Scene):
-    """Visible objects whose category is unique in the scene (a referring phrase picks one object)."""
-    cats = [o.category for o in scene.all_objects(True)]
-    return [o for o in scene.objects if cats.count(o.category) == 1]
 
 
 FAMILIES = (

@@ -3,9 +3,15 @@
 Re-measures the table of `shared/research/gaze-notes.md` on any checkpoint: for each present object
 whose category is unique in its scene, several attention signals over the image-token grid, scored by
 
-* pointing: the highest-attention cell is on the object (a cell is on the object when the object's
-  visible mask covers >= half of the cell's ORIGINAL-image pixel box, `ImageLayout.cell_box`);
-* lift: attention mass on the object's cells / their share of the cells (1.0 = no preference).
+* pointing: the highest-attention cell's centre lies on the object's visible mask
+  (`grounding.scoring.pointing_hit`, the rule of `testbed.studies.localization` and `lucid eval --suite
+  testbed-locate`); `chance` is the mean share of cells whose centre lies on the mask, pointing's chance.
+  Before, a cell was on the object when the object's visible mask covered >= half of the cell's
+  ORIGINAL-image pixel box: the gaze numbers of `docs/testbed.md` (chance 0.057) were measured with
+  that rule and are not comparable with a re-measurement;
+* lift: attention mass on the object's cells / their share of the cells (1.0 = no preference), where a
+  cell is the object's when the mask covers >= half of its ORIGINAL-image pixel box
+  (`cells_on_object`, `ImageLayout.cell_box`); objects covering no cell that way are skipped.
 
 Signals (each per layer and head, the head mean as head "mean"):
 * `exist_last`: the last prompt row of "Is there a {c} {s} in the image?" (the row that answers);
@@ -28,10 +34,10 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from grounding.scoring import cells_on_mask, pointing_hit
 from mitigation import AttentionRecorder
-from testbed.studies.evaluate import referable_objects
 from testbed.world.language import CAPTION_QUESTION, existence_question, where_question
-from testbed.world.scenes import Scene, WorldConfig, scenes
+from testbed.world.scenes import Scene, WorldConfig, referable_objects, scenes
 from vlm import VLM, SamplingParams, build_inputs, generate
 from vlm.layout import ImageLayout
 
@@ -57,9 +63,13 @@ class _Score:
     lift: float = 0.0
     n: int = 0
 
-    def add(self, attn: np.ndarray, on: np.ndarray) -> None:
+    def add(
+        self, attn: np.ndarray, on: np.ndarray, layout: ImageLayout, mask: np.ndarray, hit_cells: np.ndarray
+    ) -> None:
+        """`attn` [rows, cols]; `on` [rows, cols] bool: the object's cells (lift); `mask` its pixels and
+        `hit_cells` = `cells_on_mask(layout, mask)`, computed once per object (pointing)."""
         flat = attn.reshape(-1)
-        self.hits += float(on.reshape(-1)[int(np.argmax(flat))])
+        self.hits += float(pointing_hit(attn, layout, mask, cells=hit_cells))
         share = on.mean()
         self.lift += float(flat[on.reshape(-1)].sum() / max(flat.sum(), 1e-12) / share)
         self.n += 1
@@ -104,21 +114,24 @@ def measure(vlm: VLM, n_scenes: int = 60, seed: int = 777, show_progress: bool =
             n_img = layout.n_tokens
             pos = list(layout.token_positions)
             for i, o in enumerate(objs):
-                on = cells_on_object(inputs.layouts[i], o.mask)
+                obj_layout = inputs.layouts[i]
+                on = cells_on_object(obj_layout, o.mask)
                 if not on.any():
                     continue
                 n_obj += 1
-                chance.append(on.mean())
+                hit_cells = cells_on_mask(obj_layout, o.mask)
+                chance.append(hit_cells.mean())
                 words = _word_positions(vlm, inputs.input_ids[i], [o.color, o.shape])
                 emit = [
                     k
                     for k in range(1, len(cap_words))
                     if cap_words[k].startswith(o.shape) and cap_words[k - 1] == o.color
                 ]
+                score_args = (on, obj_layout, o.mask, hit_cells)
                 hid = rec.hidden_states(L)[i]  # [S, D]
                 img_h = torch.nn.functional.normalize(hid[pos].float(), dim=-1)
                 last_h = torch.nn.functional.normalize(hid[inputs.input_ids.shape[1] - 1].float(), dim=-1)
-                scores[("cosine", L, "-")].add((img_h @ last_h).clamp_min(0).numpy().reshape(grid), on)
+                scores[("cosine", L, "-")].add((img_h @ last_h).clamp_min(0).numpy().reshape(grid), *score_args)
                 for layer in range(L):
                     a = rec.image_attention(layer)[:, :, : inputs.input_ids.shape[1]].float()  # [B, H, T, N]
                     c = cap_rec.image_attention(layer)[0].float()  # [H, 1 + steps, N]
@@ -132,10 +145,10 @@ def measure(vlm: VLM, n_scenes: int = 60, seed: int = 777, show_progress: bool =
                         signals["caption_word"] = c[:, emit[0], :n_img]
                     for name, m in signals.items():
                         for h in range(m.shape[0]):
-                            scores[(name, layer, str(h))].add(m[h].numpy().reshape(grid), on)
-                        scores[(name, layer, "mean")].add(m.mean(0).numpy().reshape(grid), on)
+                            scores[(name, layer, str(h))].add(m[h].numpy().reshape(grid), *score_args)
+                        scores[(name, layer, "mean")].add(m.mean(0).numpy().reshape(grid), *score_args)
                     rel = a[i, :, -1, :n_img].mean(0) / c[:, 0, :n_img].mean(0).clamp_min(1e-9)
-                    scores[("relative", layer, "mean")].add(rel.numpy().reshape(grid), on)
+                    scores[("relative", layer, "mean")].add(rel.numpy().reshape(grid), *score_args)
             bar.advance(task)
     table: dict = {"n_objects": n_obj, "chance": float(np.mean(chance)) if chance else 0.0, "signals": {}}
     for (name, layer, head), sc in sorted(scores.items()):

@@ -3,7 +3,8 @@
 For the query "the {colour} {shape}" of every object whose category is unique in its scene, on fresh
 held-out scenes (`scenes(seed, n, WorldConfig())`) and on scenes drawn by other code (`testbed.world.foreign`):
 
-* pointing: the located point (hottest cell of the combined map) lies on the object's visible mask;
+* pointing: the located point (hottest cell of the combined map) lies on the object's visible mask
+  (`grounding.scoring.on_mask`; per head: `grounding.scoring.pointing_hit`);
 * box accuracy: IoU >= 0.5 of the located box with the object's box;
 * a per-(layer, head) pointing table (each head's hottest cell, unsmoothed), and the per-layer head-mean
   baseline of the gaze notes, for both the last prompt row and the phrase's rows.
@@ -28,9 +29,9 @@ from grounding.calibration import calibration_from_testbed
 from grounding.heads import HeadParams, HeadSelection, load_or_discover
 from grounding.location import LocateParams, box_and_point, combine_heads
 from grounding.readout import ROWS, iter_attention
-from testbed.studies.evaluate import box_iou
+from grounding.scoring import box_iou, on_mask, pointing_hits
 from testbed.world.foreign import draw_foreign_scene
-from testbed.world.scenes import WorldConfig, scenes
+from testbed.world.scenes import WorldConfig, referable_objects, scenes
 from vlm import VLM, ImageLayout, load_vlm
 
 #: Prompt templates compared: the paper's bare phrase, and the two question families the testbed model
@@ -58,28 +59,13 @@ def eval_items(seed: int = 12345, n_scenes: int = 200, n_foreign: int = 150, spl
     truth)."""
     items = []
     for s in scenes(seed, n_scenes, WorldConfig()):
-        cats = [o.category for o in s.all_objects(include_occluded=True)]
-        for o in s.objects:
-            if cats.count(o.category) == 1:
-                items.append(Item(s.image, f"the {o.color} {o.shape}", o.mask, o.bbox, split))
+        for o in referable_objects(s):
+            items.append(Item(s.image, f"the {o.color} {o.shape}", o.mask, o.bbox, split))
     for i in range(n_foreign):
         f = draw_foreign_scene(seed + 7919 * (i + 1))
         for o in f.objects:  # foreign categories are distinct within a scene
             items.append(Item(f.image, f"the {o.color} {o.shape}", o.mask, o.bbox, "foreign"))
     return items
-
-
-def _on_mask(mask: np.ndarray, xy: tuple[float, float]) -> bool:
-    x, y = int(np.floor(xy[0])), int(np.floor(xy[1]))
-    return 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1] and bool(mask[y, x])
-
-
-def _cell_hits(maps: np.ndarray, layout: ImageLayout, mask: np.ndarray) -> np.ndarray:
-    """[..., N] maps -> [...] bool: the hottest cell's centre lies on the mask."""
-    cols = layout.grid[1]
-    best = maps.reshape(-1, maps.shape[-1]).argmax(-1)
-    hits = [_on_mask(mask, layout.cell_center(int(i) // cols, int(i) % cols)) for i in best]
-    return np.array(hits).reshape(maps.shape[:-1])
 
 
 @dataclass
@@ -101,7 +87,7 @@ class LocalizationRun:
         rows = []
         for item, grid_map, layout in zip(self.items, self.combined, self.layouts):
             box, point, _, _ = box_and_point(grid_map, layout, params)
-            rows.append((item.split, _on_mask(item.mask, point), box_iou(box, item.bbox)))
+            rows.append((item.split, on_mask(item.mask, point), box_iou(box, item.bbox)))
         for split in ("calibration", "heldout", "foreign", "all"):
             sel = [r for r in rows if r[0] == split or (split == "all" and r[0] in ("heldout", "foreign"))]
             if sel:
@@ -148,8 +134,8 @@ def run_localization(
         layouts.append(qa.layout)
         for r in ROWS:
             maps = qa.maps(r)  # [L, H, N]
-            head_hits[r].append(_cell_hits(maps, qa.layout, item.mask))
-            layer_hits[r].append(_cell_hits(maps.mean(1), qa.layout, item.mask))
+            head_hits[r].append(pointing_hits(maps, qa.layout, item.mask))
+            layer_hits[r].append(pointing_hits(maps.mean(1), qa.layout, item.mask))
     return LocalizationRun(
         selection,
         template,

@@ -29,18 +29,13 @@ import numpy as np
 from tqdm import tqdm
 
 from grounding.sam import SamPrompt, Segmenter
+from grounding.scoring import box_iou, mask_iou, on_mask
 from grounding.segment import ATTENTION_PROMPTS, attention_prompt
-from testbed.studies.evaluate import box_iou
 from testbed.world.foreign import draw_foreign_scene
 from testbed.world.scenes import WorldConfig, render_scene
 
 log = logging.getLogger(__name__)
 KINDS = ("point", "point_single", "box", "points", "point_box", "refine")
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 def heldout_scenes(seed: int, n: int) -> Iterable[tuple[object, list, str]]:
@@ -164,7 +159,7 @@ def attention_to_sam(
                     (iou, float(box_iou(tuple(mb), tuple(float(v) for v in it.bbox)) >= 0.5))
                 )
             x, y = prompts[0].points[0]
-            pointing[it.split].append(bool(it.mask[int(y), int(x)]))
+            pointing[it.split].append(on_mask(it.mask, (x, y)))
     out: dict = {"seed": seed, "n_scenes": n_scenes, "n_foreign": n_foreign, "locate": params.__dict__}
     for split in sorted(pointing):
         row = {"items": len(pointing[split]), "pointing": round(float(np.mean(pointing[split])), 4)}

@@ -149,6 +149,14 @@ class Scene:
         return sum(o.shape == shape for o in self.all_objects(include_occluded))
 
 
+def referable_objects(scene: Scene) -> list[SceneObject]:
+    """The visible objects that the phrase "the {colour} {shape}" names uniquely in `scene`: those whose
+    category occurs once among all its objects, occluded ones included (an occluded twin makes the
+    phrase ambiguous). In drawing order."""
+    cats = [o.category for o in scene.all_objects(include_occluded=True)]
+    return [o for o in scene.objects if cats.count(o.category) == 1]
+
+
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     """Vertices of a square or triangle of circumradius r, rotated by `angle` degrees."""
     if shape == "square":
