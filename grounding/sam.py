@@ -12,6 +12,11 @@ images are RGB; a point is a pixel (x = column, y = row, SAM's own convention); 
 (x0, y0, x1, y1) in ORIGINAL pixels with exclusive x1, y1 (the pixel edges; the backend converts to
 SAM's inclusive corners). Each backend keeps the image embeddings of the last few images, keyed by a
 hash of the pixels, so several prompt rounds on one image encode it once.
+
+Which SAM a spec string names (`testbed`, `vit_b:PATH`, `hf:DIR`, a DIR, ...) is decided in one place, the
+`SAM_BACKENDS` registry (one `SamBackend` per kind: prefix, help, torch-free check, loader; modelled on
+segment-anything's `sam_model_registry`): `parse_sam_spec`, `check_sam_spec`, `load_segmenter` and the
+`SAM_HELP` the CLI shows all come from it.
 """
 
 from __future__ import annotations
@@ -21,15 +26,16 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lucid.errors import CheckpointError, InputError
 
-SAM_SPECS = "testbed | vit_b:PATH | vit_l:PATH | vit_h:PATH | hf:DIR | DIR (a saved official-architecture SAM)"
 TESTBED_SAM = Path(__file__).resolve().parent.parent / "testbed" / "weights" / "tiny-sam"
 
 
@@ -320,57 +326,152 @@ class HfSam(Segmenter):
         return out  # type: ignore[return-value]
 
 
+# ---- the spec registry: every kind of SAM spec, its help, its torch-free check and its loader ----------
+
+
+@dataclass(frozen=True)
+class SamBackend:
+    """One kind of SAM spec, named the way segment-anything's `sam_model_registry` names its builders.
+
+    `SAM_BACKENDS` is the one place a spec is understood: `parse_sam_spec` picks the kind, `check_sam_spec`
+    runs its `check` and `load_segmenter` its `check`, then its `load`; `SAM_HELP` / `SAM_SPECS` are written
+    from it.
+
+    Attributes:
+        name: the registry key.
+        prefix: "vit_b:", "hf:", ...: the spec is PREFIX + ARGUMENT (a non-empty argument); a prefix without
+            a colon ("testbed") is the whole spec (argument ""); "" is the fallback, the spec itself a DIR.
+        syntax: how help and error messages write the spec ("vit_b:PATH").
+        help: what the spec names, for `SAM_HELP`.
+        check: argument -> None; raises `CheckpointError`. Cheap: files only, imports no torch.
+        load: (argument, device) -> `Segmenter`, called only after `check` passed; imports torch.
+        sa_model: the `segment_anything.sam_model_registry` key of an official `.pth` kind, else None.
+    """
+
+    name: str
+    prefix: str
+    syntax: str
+    help: str
+    check: Callable[[str], None] = field(repr=False)
+    load: Callable[[str, Any], Segmenter] = field(repr=False)
+    sa_model: str | None = None
+
+    def claims(self, spec: str) -> str | None:
+        """The argument when `spec` (stripped) is of this kind, else None (the fallback claims nothing)."""
+        if self.prefix.endswith(":"):
+            rest = spec[len(self.prefix) :] if spec.startswith(self.prefix) else ""
+            return rest or None
+        return "" if self.prefix and spec == self.prefix else None
+
+
+def _check_nothing(arg: str) -> None:
+    return None
+
+
+def _load_testbed(arg: str, device) -> OfficialSam:
+    return _official_dir(TESTBED_SAM, device, "testbed")
+
+
+def _check_official(kind: str, arg: str) -> None:
+    if not Path(arg).is_file():
+        raise CheckpointError(f"SAM checkpoint {arg!r} is not a file ({kind} needs an official .pth)")
+
+
+def _load_official(kind: str, arg: str, device) -> OfficialSam:
+    from grounding.sam_import import import_segment_anything
+
+    sa = import_segment_anything()
+    model = sa.sam_model_registry[kind](checkpoint=str(Path(arg))).to(device)
+    return OfficialSam(model, source=f"{kind}:{arg}")
+
+
+def _check_hf(arg: str) -> None:
+    path = Path(arg)
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise CheckpointError(f"{arg} is not a transformers SAM directory (no config.json)")
+
+
+def _load_hf(arg: str, device) -> HfSam:
+    return _hf_dir(Path(arg), device)
+
+
+def _check_dir(arg: str) -> None:
+    path = Path(arg)
+    if not (arg and path.is_dir() and ((path / "sam_config.json").is_file() or (path / "config.json").is_file())):
+        raise CheckpointError(f"unknown SAM spec {arg!r}; valid: {SAM_SPECS}")
+
+
+def _load_dir(arg: str, device) -> Segmenter:
+    path = Path(arg)
+    if (path / "sam_config.json").is_file():
+        return _official_dir(path, device, str(path))
+    return _hf_dir(path, device)
+
+
+def _official_kind(kind: str, title: str) -> SamBackend:
+    return SamBackend(
+        name=kind,
+        prefix=f"{kind}:",
+        syntax=f"{kind}:PATH",
+        help=f"official {title} .pth",
+        check=partial(_check_official, kind),
+        load=partial(_load_official, kind),
+        sa_model=kind,
+    )
+
+
+SAM_BACKENDS: dict[str, SamBackend] = {
+    b.name: b
+    for b in (
+        SamBackend("testbed", "testbed", "testbed", "the embedded tiny SAM", _check_nothing, _load_testbed),
+        _official_kind("vit_b", "ViT-B"),
+        _official_kind("vit_l", "ViT-L"),
+        _official_kind("vit_h", "ViT-H"),
+        SamBackend("hf", "hf:", "hf:DIR", "a transformers SamModel directory", _check_hf, _load_hf),
+        SamBackend("dir", "", "DIR", "a saved official-architecture SAM", _check_dir, _load_dir),
+    )
+}
+_FALLBACK = "dir"  # the kind of a spec no prefix claims
+
+# the fallback's bare syntax says nothing on its own: it carries its help
+SAM_SPECS = " | ".join(b.syntax if b.prefix else f"{b.syntax} ({b.help})" for b in SAM_BACKENDS.values())
+_HELP_ITEMS = [f"{b.syntax} ({b.help})" for b in SAM_BACKENDS.values()]
+SAM_HELP = ", ".join(_HELP_ITEMS[:-1]) + ", or " + _HELP_ITEMS[-1] + "."
+
+
+def parse_sam_spec(spec: str) -> tuple[SamBackend, str]:
+    """(the kind of SAM `spec` names, its argument): syntax only, no files, no torch. Every spec has a kind:
+    one no prefix claims is the bare-DIR fallback, whose check refuses it when it is no SAM directory."""
+    spec = (spec or "").strip()
+    for backend in SAM_BACKENDS.values():
+        arg = backend.claims(spec)
+        if arg is not None:
+            return backend, arg
+    return SAM_BACKENDS[_FALLBACK], spec
+
+
 def check_sam_spec(spec: str) -> None:
     """Raise `CheckpointError` for a spec that cannot name a SAM (cheap: no torch, files only)."""
-    spec = (spec or "").strip()
-    kind, _, rest = spec.partition(":")
-    if spec == "testbed":
-        return
-    if kind in ("vit_b", "vit_l", "vit_h") and rest:
-        if not Path(rest).is_file():
-            raise CheckpointError(f"SAM checkpoint {rest!r} is not a file ({kind} needs an official .pth)")
-        return
-    path = Path(rest) if kind == "hf" and rest else Path(spec)
-    if spec and path.is_dir() and ((path / "sam_config.json").is_file() or (path / "config.json").is_file()):
-        return
-    if kind == "hf" and rest:
-        raise CheckpointError(f"{rest} is not a transformers SAM directory (no config.json)")
-    raise CheckpointError(f"unknown SAM spec {spec!r}; valid: {SAM_SPECS}")
+    backend, arg = parse_sam_spec(spec)
+    backend.check(arg)
 
 
 def load_segmenter(spec: str = "testbed", device="cpu") -> Segmenter:
-    """A `Segmenter` from a spec: `testbed` (the embedded tiny SAM), `vit_b:PATH` / `vit_l:PATH` /
-    `vit_h:PATH` (official .pth), `hf:DIR` (transformers format), or a directory saved by `save_sam`.
+    """A `Segmenter` from a spec (`SAM_BACKENDS`; `SAM_HELP` lists them): `testbed` (the embedded tiny SAM),
+    `vit_b:PATH` / `vit_l:PATH` / `vit_h:PATH` (official .pth), `hf:DIR` (transformers format), or a
+    directory (saved by `save_sam`, or a transformers one).
 
     Raises `CheckpointError` (one clear line) for an unknown spec or a missing / unreadable checkpoint.
     """
     spec = (spec or "").strip()
-    check_sam_spec(spec)
-    kind, _, rest = spec.partition(":")
+    backend, arg = parse_sam_spec(spec)
+    backend.check(arg)
     try:
-        if spec == "testbed":
-            return _official_dir(TESTBED_SAM, device, "testbed")
-        if kind in ("vit_b", "vit_l", "vit_h") and rest:
-            from grounding.sam_import import import_segment_anything
-
-            path = Path(rest)
-            if not path.is_file():
-                raise CheckpointError(f"SAM checkpoint {rest!r} is not a file ({kind} needs an official .pth)")
-            sa = import_segment_anything()
-            model = sa.sam_model_registry[kind](checkpoint=str(path)).to(device)
-            return OfficialSam(model, source=spec)
-        if kind == "hf" and rest:
-            return _hf_dir(Path(rest), device)
-        path = Path(spec)
-        if path.is_dir() and (path / "sam_config.json").is_file():
-            return _official_dir(path, device, str(path))
-        if path.is_dir() and (path / "config.json").is_file():
-            return _hf_dir(path, device)
+        return backend.load(arg, device)
     except InputError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot load SAM {spec!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-    raise CheckpointError(f"unknown SAM spec {spec!r}; valid: {SAM_SPECS}")
 
 
 def _official_dir(path: Path, device, source: str) -> OfficialSam:

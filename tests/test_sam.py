@@ -207,6 +207,96 @@ def test_unknown_and_missing_specs():
             load_segmenter(spec)
 
 
+def test_the_spec_registry_is_the_single_source(official, hf_dir, tmp_path, monkeypatch):
+    """`SAM_BACKENDS` is the only place a spec is understood: its help is the help every command shows, and
+    for every kind the backend `check_sam_spec` accepts (or refuses) a spec with is the one `load_segmenter`
+    loads it with (or refuses it with, word for word)."""
+    from dataclasses import replace
+
+    from grounding import sam
+    from lucid.cli import segment_cmd, serve_cmd
+    from lucid.errors import CheckpointError
+
+    backends = dict(sam.SAM_BACKENDS)
+    for b in backends.values():
+        assert f"{b.syntax} ({b.help})" in sam.SAM_HELP and b.syntax in sam.SAM_SPECS
+    assert segment_cmd.SAM_HELP is sam.SAM_HELP and serve_cmd.SAM_HELP is sam.SAM_HELP
+
+    pth = tmp_path / "empty.pth"  # a file: enough for the check; its load is stubbed (no full-size SAM here)
+    pth.write_bytes(b"")
+    good = {
+        "testbed": " testbed ",
+        "vit_b": f"vit_b:{pth}",
+        "vit_l": f"vit_l:{pth}",
+        "vit_h": f"vit_h:{pth}",
+        "hf": f"hf:{hf_dir}",
+        "dir": str(TESTBED_SAM),
+    }
+    assert set(good) == set(backends)  # every kind is exercised
+    picked: list[str] = []
+
+    def spy(name, real):
+        def load(arg, device):
+            picked.append(name)
+            return ("stub", name, arg) if backends[name].sa_model else real(arg, device)
+
+        return load
+
+    for name, b in backends.items():
+        monkeypatch.setitem(sam.SAM_BACKENDS, name, replace(b, load=spy(name, b.load)))
+    for name, spec in good.items():
+        assert sam.parse_sam_spec(spec)[0].name == name
+        sam.check_sam_spec(spec)
+        picked.clear()
+        seg = load_segmenter(spec)
+        assert picked == [name], (spec, picked)
+        if name in ("testbed", "dir"):
+            assert isinstance(seg, sam.OfficialSam) and seg.source == ("testbed" if name == "testbed" else spec)
+        elif name == "hf":
+            assert isinstance(seg, sam.HfSam)
+        else:
+            assert seg == ("stub", name, str(pth))
+    picked.clear()
+    assert isinstance(load_segmenter(str(hf_dir)), sam.HfSam) and picked == ["dir"]  # a bare transformers DIR
+    picked.clear()
+
+    bad = {
+        **{k: f"{k}:{tmp_path / 'missing.pth'}" for k in ("vit_b", "vit_l", "vit_h")},
+        "hf": f"hf:{TESTBED_SAM}",  # an official-architecture dir is no transformers one
+        "dir": str(tmp_path),  # a directory holding no SAM
+    }
+    for name, spec in bad.items():
+        assert sam.parse_sam_spec(spec)[0].name == name
+        with pytest.raises(CheckpointError) as checked:
+            sam.check_sam_spec(spec)
+        with pytest.raises(CheckpointError) as loaded:
+            load_segmenter(spec)
+        assert str(checked.value) == str(loaded.value), name
+        if name.startswith("vit"):
+            assert f"is not a file ({name} needs an official .pth)" in str(checked.value)
+    assert not picked  # nothing refused reached a loader
+
+
+def test_spec_checks_and_help_import_no_torch():
+    code = """
+import sys
+from grounding.sam import SAM_HELP, check_sam_spec, parse_sam_spec
+import lucid.cli.segment_cmd, lucid.cli.serve_cmd
+from lucid.errors import CheckpointError
+check_sam_spec('testbed'); check_sam_spec('testbed/weights/tiny-sam')
+for spec in ('vit_b:/no/such.pth', 'hf:/no/dir', 'nope'):
+    try:
+        check_sam_spec(spec)
+    except CheckpointError:
+        pass
+    else:
+        raise SystemExit(spec)
+print(bool(SAM_HELP), 'torch' in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]
+
+
 def test_official_vit_b_checkpoint_through_the_registry(tmp_path):
     """`vit_b:PATH` goes through `sam_model_registry` and `SamPredictor` at full size (random weights: no
     official checkpoint can be downloaded here; the shapes, geometry and output types are what is tested)."""

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from grounding.sam import SAM_HELP  # the spec registry's help (light: no torch)
 from lucid.cli.common import (
     HEATMAP_SUFFIXES,
     checked_output,
@@ -22,8 +23,6 @@ from lucid.cli.common import (
     stdout_to_stderr,
 )
 from lucid.errors import InputError, OutputError
-
-SAM_HELP = "testbed (the embedded tiny SAM), vit_b:PATH / vit_l:PATH / vit_h:PATH (official .pth), hf:DIR, or a DIR."
 
 
 def parse_point(text: str) -> tuple[float, float, int]:
@@ -230,12 +229,12 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
         out: Annotated[Path, typer.Argument(help="Directory to write (SamModel.from_pretrained loads it).")],
     ) -> None:
         """Convert official-architecture SAM weights into a transformers SamModel directory."""
-        from grounding.sam import OfficialSam, check_sam_spec
+        from grounding.sam import OfficialSam, check_sam_spec, parse_sam_spec
         from vlm.contract import check_output_dir
 
         check_sam_spec(src)
         check_output_dir(out, "SAM")
-        kind, _, rest = src.partition(":")
+        backend, arg = parse_sam_spec(src)
         from grounding.sam import load_segmenter
         from grounding.sam_convert import to_hf
         from grounding.sam_model import SamArchitecture
@@ -243,12 +242,12 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
         seg = load_segmenter(src)
         if not isinstance(seg, OfficialSam):
             raise InputError(f"{src} is already a transformers SAM")
-        if kind in ("vit_b", "vit_l", "vit_h"):
+        if backend.sa_model is not None:
             sizes = {
                 "vit_b": (768, 12, 12, (2, 5, 8, 11)),
                 "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
                 "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
-            }[kind]
+            }[backend.sa_model]
             arch = SamArchitecture(
                 img_size=1024,
                 patch_size=16,
@@ -268,7 +267,7 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
 
             from grounding.sam import TESTBED_SAM
 
-            d = TESTBED_SAM if src == "testbed" else Path(src)
+            d = TESTBED_SAM if backend.name == "testbed" else Path(arg)
             arch = SamArchitecture.from_json(_json.loads((d / "sam_config.json").read_text())["architecture"])
         to_hf(seg.model.state_dict(), arch, out)
         typer.echo(f"wrote {out}")
