@@ -79,13 +79,21 @@ def test_output_files(reference):
 
 
 def test_testbed_suites_give_testbed_eval_numbers(reference):
-    """testbed-pope / testbed-chair are `lucid testbed eval`'s questions and numbers."""
-    from testbed.studies.evaluate import EvalConfig, evaluate
-    from vlm import load_vlm
+    """testbed-pope / testbed-chair are `lucid testbed eval`'s questions and numbers: the job's metrics equal
+    the families answered here directly (generate, one question at a time) and scored by `score_family`."""
+    from testbed.studies.evaluate import EvalConfig, build_families, max_new_tokens, score_family
+    from vlm import SamplingParams, build_inputs, generate, load_vlm
 
     _, _, res = reference
+    vlm = load_vlm("testbed")
     fams = ("pope_random", "pope_popular", "pope_adversarial", "partner_absent", "caption")
-    ref = evaluate(load_vlm("testbed"), EvalConfig(n_scenes=4, seed=777, families=fams), show_progress=False)
+    ref = {}
+    for name, items in build_families(EvalConfig(n_scenes=4, seed=777, families=fams)).items():
+        answers = [
+            generate(vlm, build_inputs(vlm, [s.image], [qa.question]), SamplingParams(max_new_tokens(name)))[0].text
+            for s, qa in items
+        ]
+        ref.update(score_family(name, items, answers))
     got = res["results"]
     for split in ("random", "popular", "adversarial"):
         mine = got[f"testbed-pope:n=4,seed=777/{split}"]["testbed"]["baseline"]

@@ -134,7 +134,7 @@ def test_layer_rules_at_both_depths():
 
 
 def test_sweep_grids_parse_and_render():
-    from testbed.studies.sweep import GRIDS, parse_config, summarise, to_markdown
+    from evals.sweep import GRIDS, parse_config, summarise, to_markdown
 
     for grid in GRIDS.values():
         for config in grid:
@@ -161,7 +161,7 @@ def test_sweep_grids_parse_and_render():
 
 
 def test_sweep_chooses_best_admissible_setting_per_method():
-    from testbed.studies.sweep import BASELINE, admissible, choose_best
+    from evals.sweep import BASELINE, admissible, choose_best
 
     def row(config, fy, chair, acc=0.97, recall=0.9):
         return {"config": config, "partner_absent_false_yes": fy, "caption": {"chair_i": chair, "recall": recall},

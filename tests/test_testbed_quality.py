@@ -7,14 +7,12 @@ model that does not see.
 
 import pytest
 
-from testbed.studies.evaluate import EvalConfig, evaluate
+from evals.testbed_metrics import testbed_metrics as run_testbed_suites
 
 
 @pytest.fixture(scope="module")
-def metrics(testbed_vlm):
-    return evaluate(
-        testbed_vlm, EvalConfig(n_scenes=40, n_foreign=40, seed=777, reference_scenes=800), show_progress=False
-    )
+def metrics():
+    return run_testbed_suites("testbed", 40, 777, [], n_foreign=40, progress=False)
 
 
 def test_pope_random_and_colour(metrics):

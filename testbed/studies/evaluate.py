@@ -10,16 +10,11 @@ objects that are absent; CHAIR_s: share of captions with at least one); and box-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from rich.console import Console
-from rich.progress import Progress
 
 from grounding.scoring import box_iou
-from mitigation import Plan
-from mitigation.methods import Method
 from testbed.world.foreign import ForeignScene, draw_foreign_scene
 from testbed.world.language import (
     CAPTION_QUESTION,
@@ -36,7 +31,6 @@ from testbed.world.language import (
     where_question,
 )
 from testbed.world.scenes import SHAPES, TRAIN_CONFIG, Scene, WorldConfig, partner_of, referable_objects, scenes
-from vlm import VLM, SamplingParams, build_inputs, generate
 
 
 @dataclass(frozen=True)
@@ -120,25 +114,6 @@ class EvalConfig:
         unknown = sorted(set(self.families or ()) - set(FAMILIES))
         if unknown:
             raise ValueError(f"unknown question family {unknown[0]!r}; valid: {', '.join(FAMILIES)}")
-
-
-def _answer_all(
-    vlm: VLM,
-    items: list[tuple[Scene, QA]],
-    batch_size: int,
-    max_new_tokens: int,
-    plan: Plan | None,
-    progress: Callable[[int], None],
-    methods: Sequence[Method] = (),
-) -> list[str]:
-    answers = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i : i + batch_size]
-        inputs = build_inputs(vlm, [s.image for s, _ in chunk], [qa.question for _, qa in chunk])
-        gens = generate(vlm, inputs, SamplingParams(max_new_tokens=max_new_tokens), plan=plan, methods=methods)
-        answers += [g.text for g in gens]
-        progress(len(chunk))
-    return answers
 
 
 def build_families(cfg: EvalConfig = EvalConfig()) -> dict[str, list[tuple[Scene, QA]]]:
@@ -228,28 +203,3 @@ def score_family(name: str, items: list[tuple[Scene, QA]], answers: list[str]) -
             ],
         }
     }
-
-
-def evaluate(
-    vlm: VLM,
-    cfg: EvalConfig = EvalConfig(),
-    plan: Plan | None = None,
-    show_progress: bool = True,
-    methods: Sequence[Method] = (),
-) -> dict:
-    """Run every testbed metric (or `cfg.families`); returns a JSON-able dict.
-
-    Args:
-        plan, methods: what every answer is generated with (`vlm.generate`); none is the baseline.
-    """
-    families = build_families(cfg)
-    total = sum(len(v) for v in families.values())
-    results: dict = {"n_scenes": cfg.n_scenes, "seed": cfg.seed}
-    with Progress(disable=not show_progress, console=Console(stderr=True)) as bar:  # stdout stays for results
-        task = bar.add_task("testbed eval", total=total)
-        for name, items in families.items():
-            answers = _answer_all(
-                vlm, items, cfg.batch_size, max_new_tokens(name), plan, lambda k: bar.advance(task, k), methods
-            )
-            results.update(score_family(name, items, answers))
-    return results

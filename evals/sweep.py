@@ -1,15 +1,16 @@
 """A small sweep of the mitigation methods on the testbed, for choosing settings before a measurement.
 
-Each configuration (the baseline, each method at its defaults, a small grid) is evaluated by
-`testbed.studies.evaluate` on the same fresh scenes of a *calibration* seed (not the held-out evaluation seed
+Each configuration (the baseline, each method at its defaults, a small grid) is evaluated by the
+testbed eval suites (`testbed-pope`, `testbed-chair`: one in-process eval job per configuration,
+`evals.testbed_metrics`) on the same fresh scenes of a *calibration* seed (not the held-out evaluation seed
 12345, so settings are not tuned on the numbers that are reported), with only what the mitigation
 table needs: the POPE splits, the partner-absent false-yes rate, and caption CHAIR_i / CHAIR_s /
 recall / length (CHAIR without length and recall is not to be trusted). Per configuration the wall
 time is reported too (same machine, same scenes: comparable within one run).
 
-    python -m testbed.studies.sweep --model testbed --n 60 --grid small --out sweep.json --md sweep.md
-    python -m testbed.studies.sweep --config baseline --config "vhr+pai:gamma=1" --n 10
-    python -m testbed.studies.sweep --table out/mitigation --n-cal 60 --n 200   # the README's method table
+    python -m evals.sweep --model testbed --n 60 --grid small --out sweep.json --md sweep.md
+    python -m evals.sweep --config baseline --config "vhr+pai:gamma=1" --n 10
+    python -m evals.sweep --table out/mitigation --n-cal 60 --n 200   # the README's method table
 
 `--table DIR` makes the whole measurement: the `small` grid on the calibration seed (DIR/calibration.jsonl),
 each method's best setting chosen there (`choose_best`), then baseline, every method at its defaults,
@@ -34,12 +35,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from evals.testbed_metrics import testbed_metrics
 from mitigation.methods.registry import BASELINE
-from testbed.studies.evaluate import EvalConfig, evaluate
 
 CALIBRATION_SEED = 4242
 HELDOUT_SEED = 12345
-SWEEP_FAMILIES = ("pope_random", "pope_popular", "pope_adversarial", "partner_absent", "caption")
+SWEEP_SUITES = ("testbed-pope", "testbed-chair")  # POPE splits + partner-absent, captions
 
 GRIDS: dict[str, tuple[str, ...]] = {
     "defaults": (BASELINE, "pai", "paint", "vhr", "var"),
@@ -88,29 +89,20 @@ def summarise(metrics: dict) -> dict:
 
 
 def run_sweep(
-    vlm,
+    model: str,
     configs: Sequence[str],
     n_scenes: int = 60,
     seed: int = CALIBRATION_SEED,
     batch_size: int = 16,
-    reference_scenes: int = 2000,
     log=None,
 ) -> list[dict]:
     """Evaluate each configuration on the same scenes; returns one row per configuration."""
-    cfg = EvalConfig(
-        n_scenes=n_scenes,
-        seed=seed,
-        batch_size=batch_size,
-        reference_scenes=reference_scenes,
-        n_foreign=0,
-        where=False,
-        families=SWEEP_FAMILIES,
-    )
     methods_by_config = [(c, parse_config(c)) for c in configs]  # every spec checked before any work
     rows = []
     for label, methods in methods_by_config:
         t0 = time.perf_counter()
-        metrics = evaluate(vlm, cfg, show_progress=False, methods=methods)
+        specs = [json.dumps(m.to_json()) for m in methods]
+        metrics = testbed_metrics(model, n_scenes, seed, specs, SWEEP_SUITES, batch_size, progress=False)
         row = {
             "config": label,
             "methods": [m.to_json() for m in methods],
@@ -133,7 +125,7 @@ def _key(row: dict) -> tuple:
     return (row["config"], row["seed"], row["n_scenes"])
 
 
-def fill(vlm, path: Path, configs: Sequence[str], n_scenes: int, seed: int, log=None, **kw) -> list[dict]:
+def fill(model: str, path: Path, configs: Sequence[str], n_scenes: int, seed: int, log=None, **kw) -> list[dict]:
     """Rows for `configs` at (seed, n_scenes): those already in the jsonl `path` are reused, the others are
     evaluated and appended one by one (an interrupted run loses at most the configuration in progress)."""
     have = {_key(r): r for r in read_rows(path)}
@@ -141,7 +133,7 @@ def fill(vlm, path: Path, configs: Sequence[str], n_scenes: int, seed: int, log=
     for config in configs:
         row = have.get((config, seed, n_scenes))
         if row is None:
-            (row,) = run_sweep(vlm, [config], n_scenes, seed, log=log, **kw)
+            (row,) = run_sweep(model, [config], n_scenes, seed, log=log, **kw)
             row.update(seed=seed, n_scenes=n_scenes)
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as f:
@@ -184,19 +176,19 @@ def choose_best(rows: Sequence[dict]) -> dict[str, str]:
     return {name: cfg for name, (_, cfg) in sorted(best.items())}
 
 
-def run_table(vlm, out: Path, n_cal: int, n_heldout: int, log=None) -> dict:
+def run_table(model: str, out: Path, n_cal: int, n_heldout: int, log=None) -> dict:
     """The method table (see the module doc). Returns {"chosen", "combination", "rows"}."""
-    cal = fill(vlm, out / "calibration.jsonl", GRIDS["small"], n_cal, CALIBRATION_SEED, log)
+    cal = fill(model, out / "calibration.jsonl", GRIDS["small"], n_cal, CALIBRATION_SEED, log)
     chosen = choose_best(cal)
     base = next(r for r in cal if r["config"] == BASELINE)
     ranked = sorted(chosen.values(), key=lambda c: -_objective(next(r for r in cal if r["config"] == c), base))
     combination = "+".join(ranked[:2])
     configs = list(GRIDS["defaults"]) + [c for c in chosen.values() if c not in GRIDS["defaults"]] + [combination]
-    rows = fill(vlm, out / "heldout.jsonl", configs, n_heldout, HELDOUT_SEED, log)
+    rows = fill(model, out / "heldout.jsonl", configs, n_heldout, HELDOUT_SEED, log)
     result = {"chosen_on_calibration": chosen, "combination": combination, "n_calibration": n_cal,
               "n_heldout": n_heldout, "rows": rows}
     (out / "table.json").write_text(json.dumps(result, indent=1))
-    meta = {"model": vlm.name, "heldout_seed": HELDOUT_SEED, "n_scenes": n_heldout,
+    meta = {"model": model, "heldout_seed": HELDOUT_SEED, "n_scenes": n_heldout,
             "settings_chosen_on": f"seed {CALIBRATION_SEED}, {n_cal} scenes"}
     (out / "table.md").write_text(to_markdown(rows, meta))
     return result
@@ -245,7 +237,7 @@ def to_markdown(rows: Sequence[dict], meta: dict | None = None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m testbed.studies.sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evals.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="testbed", help="'testbed' or a local llava-hf checkpoint directory")
     parser.add_argument("--n", type=int, default=60, help="fresh scenes (the same for every configuration)")
     parser.add_argument("--seed", type=int, default=CALIBRATION_SEED, help="scene seed (a calibration seed, not 12345)")
@@ -254,9 +246,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--config", action="append", default=[], help="a configuration, e.g. 'vhr+pai:gamma=1' (repeatable)"
     )
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument(
-        "--reference-scenes", type=int, default=2000, help="scenes for POPE popular/adversarial statistics"
-    )
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     parser.add_argument("--append", type=Path, default=None, help="reuse / append rows in this jsonl file")
     parser.add_argument("--table", type=Path, default=None, help="make the whole method table in this folder")
@@ -277,25 +266,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MethodError as e:
         print(f"sweep: error: {e}", file=sys.stderr)
         return 2
-    from vlm import CheckpointError, load_vlm
+    from vlm import CheckpointError
+    from vlm.checkpoint import inspect_checkpoint
 
     try:
-        vlm = load_vlm(args.model)
+        inspect_checkpoint(args.model)
     except CheckpointError as e:
         print(f"sweep: error: {e}", file=sys.stderr)
         return 2
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     if args.table is not None:
-        result = run_table(vlm, args.table, args.n_cal, args.n, log)
+        result = run_table(args.model, args.table, args.n_cal, args.n, log)
         print((args.table / "table.md").read_text())
         print(json.dumps({"chosen": result["chosen_on_calibration"], "combination": result["combination"]}))
         return 0
     if args.append is not None:
-        rows = fill(vlm, args.append, configs, args.n, args.seed, log, batch_size=args.batch_size,
-                    reference_scenes=args.reference_scenes)
+        rows = fill(args.model, args.append, configs, args.n, args.seed, log, batch_size=args.batch_size)
     else:
-        rows = run_sweep(vlm, configs, args.n, args.seed, args.batch_size, args.reference_scenes, log=log)
-    meta = {"model": vlm.name, "n_scenes": args.n, "seed": args.seed, "device": str(vlm.device)}
+        rows = run_sweep(args.model, configs, args.n, args.seed, args.batch_size, log=log)
+    meta = {"model": args.model, "n_scenes": args.n, "seed": args.seed}
     payload = {"meta": meta, "rows": rows}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
