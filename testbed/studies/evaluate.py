@@ -1,4 +1,8 @@
-"""Quality of a VLM on fresh held-out testbed scenes, through the real generation path.
+"""The testbed's question families on fresh held-out scenes and how each is scored.
+
+`build_families` draws the held-out scenes and their questions (deterministic by seed); `score_family`
+turns a family's answers into its metrics. The answers come from the eval suites `testbed-*`
+(`evals.suites.testbed`; `evals.testbed_metrics` runs them as one job for `lucid testbed eval`).
 
 Metrics: POPE random / popular / adversarial (accuracy, precision, recall, F1, yes-ratio of the
 predictions); the partner-absent split (a scene showing one member of a co-occurring pair without its
