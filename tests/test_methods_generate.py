@@ -44,11 +44,13 @@ def _cache(tmp_path, monkeypatch):
     "spec",
     [
         "pai:alpha=0,gamma=1",
-        "paint:alpha=0,beta=0",
+        "paint:alpha=0,beta=0,gamma=1",
+        "paint:preset=paper,alpha=0,beta=0",
         "vhr:alpha=1",
         "vhr:alpha=1,free_stream=mean_image",
-        "var:p=0",
-        "var:p=1,semantics=code",
+        "var:p=0,semantics=paper",
+        "var:preset=paper,p=0",
+        "var:p=1",
     ],
 )
 def test_zero_strength_is_the_baseline_bit_for_bit(testbed_vlm, batch, baseline, spec):
@@ -65,9 +67,9 @@ def test_zero_strength_is_the_baseline_bit_for_bit(testbed_vlm, batch, baseline,
     "spec",
     [
         "pai:alpha=1e-6,gamma=1.000001,cutoff=0",
-        "paint:alpha=1e-6,beta=1e-6",
+        "paint:alpha=1e-6,beta=1e-6,gamma=1",
         "vhr:alpha=1.000001",
-        "var:p=1e-6,sink_dims=1,tau=5.8,rho=0.1",
+        "var:semantics=paper,p=1e-6,sink_dims=1,tau=5.8,rho=0.1,require_image_sink=false",
     ],
 )
 def test_near_zero_strength_is_continuous(testbed_vlm, batch, baseline, spec):
@@ -150,15 +152,23 @@ def test_recorder_sees_the_request_rows_and_edited_probabilities(testbed_vlm, ba
     """With a second stream the recorder still gets B rows; with PAI the recorded last prompt row puts
     more mass on the image in the edited layers (the recorded rows are the edited probabilities)."""
     recs = {}
-    for name, methods in (("base", ()), ("pai", parse_methods(["pai:alpha=1,gamma=1.5"]))):
-        rec = AttentionRecorder(layers=[0, 3], prefill_rows="last")
-        generate(testbed_vlm, batch, SAMPLING, recorder=rec, methods=methods)
+    specs = (("base", []), ("pai", ["pai:alpha=1,gamma=1.5,first_token=true"]), ("official", ["pai:alpha=1,gamma=1"]))
+    for name, spec in specs:
+        rec = AttentionRecorder(layers=[0, 1, 3], prefill_rows="last")
+        generate(testbed_vlm, batch, SAMPLING, recorder=rec, methods=parse_methods(spec))
         recs[name] = rec
     for layer in (0, 3):
         assert recs["pai"].image_attention(layer).shape[0] == batch.batch_size
-    share = {k: r.image_attention(3)[:, :, 0].sum(-1) for k, r in recs.items()}  # [B, H] image mass, first step
-    assert bool((share["pai"] > share["base"]).all())
+    share = {k: r.image_attention(3)[:, :, :2].sum(-1) for k, r in recs.items()}  # [B, H, 2] image mass, 2 steps
+    assert bool((share["pai"][..., 0] > share["base"][..., 0]).all())
     torch.testing.assert_close(recs["pai"].image_attention(0)[:, :, 0], recs["base"].image_attention(0)[:, :, 0])
+    # the official rule (first_token=false): the first answer token's row is the plain model's in every layer;
+    # the second is edited (in the first edited layer its query and keys are the plain model's, so every head
+    # puts more mass on the image)
+    torch.testing.assert_close(share["official"][..., 0], share["base"][..., 0])
+    first = {k: r.image_attention(1)[:, :, :2].sum(-1) for k, r in recs.items()}
+    torch.testing.assert_close(first["official"][..., 0], first["base"][..., 0])
+    assert bool((first["official"][..., 1] > first["base"][..., 1]).all())
 
 
 def test_sink_calibration_is_cached_per_weights_and_overridable(testbed_vlm, tmp_path):
@@ -195,9 +205,7 @@ def test_layer_rules_at_depth_32_and_6():
         ctx = _context(L)
         assert PAI().contribute(ctx).plan.layers() == tuple(pai_layers)
         assert sorted(VHR().contribute(ctx).hook.attention_layers) == vhr_layers
-        assert sorted(VAR(sink_dims=(3,)).contribute(ctx).hook.attention_layers) == list(var_layers)
-        assert sorted(VAR(sink_dims=(3,), exclude_last=False).contribute(ctx).hook.attention_layers) == list(
-            range(var_layers.start, L)
-        )
+        assert sorted(VAR(sink_dims=(3,), exclude_last=True).contribute(ctx).hook.attention_layers) == list(var_layers)
+        assert sorted(VAR(sink_dims=(3,)).contribute(ctx).hook.attention_layers) == list(range(var_layers.start, L))
     with pytest.raises(ValueError, match="past the text backbone's 6 layers"):
         PAI(layers=(2, 7)).contribute(_context(6))

@@ -67,10 +67,11 @@ def test_both_syntaxes_give_the_same_method():
         ("var:p=1.5", r"var: p must be a number in \[0, 1\], got '1.5'"),
         ("var:p=abc", "var: p must be a number"),
         ("pai:gamma=0.5", r"pai: gamma must be a number in \[1, 5\]"),
-        ("paint:heads=some", "paint: heads must be one of sensitive, uniform"),
+        ("paint:heads=some", "paint: heads must be one of uniform, sensitive"),
+        ("pai:preset=code", "pai: preset must be one of official, paper"),
         ("vhr:outlier_rule=maybe", "vhr: outlier_rule must be true or false"),
         ("vhr:layers=1,-2", "vhr: layers must be integers >= 0"),
-        ("var:q=1", "var: unknown parameter 'q'; valid: p, rho, "),
+        ("var:q=1", "var: unknown parameter 'q'; valid: preset, p, rho, "),
         ("var:p=0.1,p=0.2", "given twice"),
         ("var:0.5", "expected key=value"),
         ('{"name": "var", "params": {"p": true}}', "var: p must be a number"),
@@ -109,18 +110,63 @@ def test_schema_from_the_dataclass():
 def test_describe_lists_parameters_defaults_and_ranges():
     rows = {r["name"]: r for r in describe()}
     alpha = next(p for p in rows["pai"]["params"] if p["name"] == "alpha")
-    assert alpha["default"] == 0.5 and alpha["range"] == "a number in [0, 5]" and alpha["type"] == "float"
+    assert alpha["default"] == 0.2 and alpha["range"] == "a number in [0, 5]" and alpha["type"] == "float"
     assert "arXiv:2501.12206" in rows["paint"]["paper"]
+    presets = rows["pai"]["presets"]
+    assert presets["official"]["values"]["alpha"] == 0.2 and presets["paper"]["values"]["alpha"] == 0.5
+    assert "README.md:65" in presets["official"]["source"] and "2407.21771" in presets["paper"]["source"]
 
 
-def test_paper_defaults():
-    assert (PAI().alpha, PAI().gamma) == (0.5, 1.1)
-    assert (Paint().alpha, Paint().beta, Paint().local_ratio, Paint().heads) == (0.7, 0.4, 0.25, "sensitive")
-    assert (VHR().alpha, VHR().free_stream) == (2.0, "strip")
+def test_the_default_is_the_official_configuration():
+    """Each method's defaults are what the official repository's evaluation scripts ran (cited in PRESETS)."""
+    pai = PAI()
+    assert (pai.preset, pai.alpha, pai.gamma, pai.cutoff, pai.first_token) == ("official", 0.2, 1.1, 0.1, False)
+    paint = Paint()
+    assert (paint.alpha, paint.beta, paint.local_ratio, paint.heads) == (0.7, 0.4, 0.25, "uniform")
+    assert (paint.gamma, paint.first_token) == (1.1, False)  # every committed result file is *_cfg_1.1
+    assert (VHR().alpha, VHR().free_stream, VHR().first_token) == (2.0, "strip", True)
     v = VAR()
-    assert (v.p, v.rho, v.min_image_attention, v.moved_fraction, v.min_nonsink_ratio) == (0.6, 0.5, 0.2, 0.6, 0.5)
-    code = VAR(p=0.6, rho=0.2, semantics="code")  # the code's p keeps 0.6 and its rho tests the sink share
-    assert code.moved_fraction == pytest.approx(0.4) and code.min_nonsink_ratio == pytest.approx(0.8)
+    assert (v.semantics, v.require_image_sink, v.exclude_last) == ("code", True, False)
+    # the code keeps p = 0.6 of the sink mass (moves 0.4) and tests the sink share <= rho = 0.5
+    assert v.moved_fraction == pytest.approx(0.4) and v.min_nonsink_ratio == pytest.approx(0.5)
+    for cls in (PAI, Paint, VHR, VAR):
+        official = cls.PRESETS["official"].values
+        assert all(getattr(cls(), k) == val for k, val in official.items()), cls.name
+
+
+def test_paper_preset_and_explicit_overrides():
+    pai = parse_method("pai:preset=paper")
+    assert (pai.alpha, pai.first_token, pai.preset) == (0.5, True, "paper")
+    assert pai.label == "pai:preset=paper"
+    # an explicit value wins over the preset, even when it equals the official default
+    mixed = parse_method("pai:preset=paper,alpha=0.2")
+    assert (mixed.alpha, mixed.first_token) == (0.2, True) and mixed.label == "pai:preset=paper,alpha=0.2"
+    assert parse_method(mixed.to_json()) == mixed and parse_method(mixed.label) == mixed
+    same = parse_method({"name": "pai", "params": {"preset": "paper", "gamma": 1}})
+    assert (same.alpha, same.gamma) == (0.5, 1.0)
+    paint = parse_method("paint:preset=paper")
+    assert (paint.gamma, paint.first_token, paint.heads) == (1.0, True, "uniform")
+    var = parse_method("var:preset=paper")
+    assert (var.semantics, var.require_image_sink, var.exclude_last, var.moved_fraction) == ("paper", False, True, 0.6)
+    # direct construction: the preset fills what is left at its default
+    assert VAR(preset="paper").semantics == "paper" and VAR(preset="paper", semantics="code").semantics == "code"
+    assert VAR.from_preset("paper", exclude_last=False).exclude_last is False
+    # Lucid's own design is opt-in and labelled
+    assert parse_method("paint:heads=sensitive").label == "paint:heads=sensitive"
+    assert "Lucid's" in next(p for p in describe_params("paint") if p["name"] == "heads")["help"]
+
+
+def describe_params(name):
+    return next(r for r in describe() if r["name"] == name)["params"]
+
+
+def test_presets_in_the_schema_and_listing():
+    for name in ("pai", "paint", "vhr", "var"):
+        sch = schema(name)
+        assert set(sch["x-presets"]) == {"official", "paper"}
+        assert sch["properties"]["preset"]["enum"] == ["official", "paper"]
+        for p in sch["x-presets"].values():
+            assert set(p["values"]) == set(sch["properties"]) - {"preset"} and p["source"]
 
 
 def test_layer_rules_at_both_depths():

@@ -30,6 +30,11 @@ def methods_list(
         for p in row["params"]:
             default = ",".join(map(str, p["default"])) if isinstance(p["default"], tuple) else p["default"]
             typer.echo(f"  {p['name']:<20} {p['type']:<12} default {str(default):<10} {p['range']}: {p['help']}")
+        for preset, spec in row["presets"].items():
+            differs = {k: v for k, v in spec["values"].items() if v != row["presets"]["official"]["values"][k]}
+            values = ", ".join(f"{k}={v}" for k, v in (differs if preset != "official" else spec["values"]).items())
+            typer.echo(f"  preset {preset}: {values or '(as official)'}")
+            typer.echo(f"    source: {spec['source']}")
         typer.echo("")
 
 

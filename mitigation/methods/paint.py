@@ -1,5 +1,6 @@
 """The imbalanced-attention fix (arXiv 2501.12206; later "PAINT"): boosts of informative image tokens
-chosen by the vision tower, with the head-specific modulation the paper describes."""
+chosen by the vision tower, with PAI's image-free guidance as the official runs used it; Lucid's
+head-specific modulation as an option."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ from typing import Any, ClassVar
 import torch
 
 from kernels.reference import AttentionEdit, KeyEdit, attention_rows_reference
-from mitigation.methods.pai import first_edited_layer
-from mitigation.methods.registry import Method, MethodError, param, register, resolve_layers
+from mitigation.methods.pai import first_edited_layer, guidance
+from mitigation.methods.registry import Method, MethodError, Preset, param, register, resolve_layers
 from mitigation.seam.context import image_index_from_mask
 from mitigation.seam.hooks import AttentionCall, Hook
 from mitigation.seam.plan import LayerEdit, Plan
-from mitigation.seam.request import Contribution, RequestContext
+from mitigation.seam.request import STREAM_KINDS, Contribution, RequestContext, SecondStream
 
-HEAD_MODES = ("sensitive", "uniform")
+HEAD_MODES = ("uniform", "sensitive")
 
 
 @torch.no_grad()
@@ -76,8 +77,9 @@ class _SensitiveHeads(Hook):
     """Per sample, per layer, per head: the boost scaled by the head's measured visual sensitivity at the
     first answer step, fixed for the rest of the generation."""
 
-    def __init__(self, layers, local, summary, alpha, beta, max_weight, main_rows) -> None:
+    def __init__(self, layers, local, summary, alpha, beta, max_weight, main_rows, first_token=True) -> None:
         self.attention_layers = frozenset(layers)
+        self.first_token = first_token
         self.local, self.summary, self.main = local, summary, main_rows
         self.alpha, self.beta, self.max_weight = alpha, beta, max_weight
         self.weights: dict[int, torch.Tensor] = {}  # layer -> [R, H]
@@ -95,6 +97,8 @@ class _SensitiveHeads(Hook):
             if self.beta:
                 keys.append(KeyEdit(self.summary, "last", abs_scale=self.beta * w))
             self._keys[layer] = tuple(keys)
+        if call.prefill and not self.first_token:
+            return edit  # measured at the first answer step, applied from the second token on
         base = edit if edit is not None else AttentionEdit()
         return replace(base, keys=base.keys + self._keys[layer])
 
@@ -110,30 +114,40 @@ class _SensitiveHeads(Hook):
 @register("paint")
 @dataclass(frozen=True)
 class Paint(Method):
-    """The imbalanced-attention fix: boost the answer row's attention to informative image tokens, per head.
+    """The imbalanced-attention fix: boost the answer row's attention to informative image tokens.
 
     Token sets, per image, from the CLIP tower's CLS -> patch attention summed over heads: summary
     tokens are the IQR outliers (> Q3 + 1.5 IQR) of the layer producing LLaVA's feature layer (-2);
     local tokens are the top `local_ratio` of patches by the first layer's CLS attention, minus the
     summary tokens. On layers [s, L) with s = max(1, L // 16) (the paper's 2..31 of 32; 1..5 of the
-    testbed's 6), the last query row's pre-softmax logits become z + a * |z| on local tokens and
-    z + b * |z| on summary tokens (at prefill the last prompt row, then every decode row).
+    testbed's 6), the last query row's pre-softmax logits become z + alpha * |z| on local tokens and
+    z + beta * |z| on summary tokens, in every head (at prefill the last prompt row, then every decode
+    row). With gamma != 1, PAI's image-free guidance (`mitigation.methods.pai.guidance`): an image-free
+    "strip" stream in the same batch, log-probabilities gamma * (log p - log p_free) + log p_free with the
+    0.1 plausibility cut-off.
 
-    Head-specific modulation (`heads="sensitive"`, the default). The paper (v1) promises "head-specific
-    modulation based on measured visual sensitivity"; its code applies alpha and beta to every head.
-    Lucid's design: at the first answer step (the last prompt row), in each edited layer, each head's
-    visual sensitivity is measured as the share of its (unedited) attention on the image tokens, s_h;
-    the head's weight is w_h = s_h / mean_h(s), clipped at `max_head_weight`, and the boosts become
-    a = alpha * w_h, b = beta * w_h, fixed per sample for the rest of the generation. The weights average
-    1 over a layer's heads (before the clip), so the modulated version spends the same total boost as the
-    uniform one, moved to the heads that read the image and away from those that carry the text.
-    `heads="uniform"` is the official code's behaviour. The measurement is a read-out of one row on the
-    image keys (no extra pass); the token sets cost one extra vision-tower pass.
+    Presets. `official` (the default) is what produced every result file the official repository commits
+    (hasanar1f/PAINT@52020d6 results/chair/llava-1.5/*_alpha_0.7_beta_0.4_cfg_1.1.jsonl; the code is
+    PAI's): alpha 0.7, beta 0.4, every head (modPAI/attention.py:139-147), layers 2..31, local ratio 0.25
+    (hard-coded, clip_encoder.py:37,42), guidance on at gamma 1.1 (`--use-cfg --gamma 1.1`, modpai_eval.sh:17
+    and the `_cfg_1.1` file names), and so, as in PAI, the first answer token is never edited
+    (attention.py:139,194). `paper` is the paper's text: alpha 0.7, beta 0.4, no guidance (the paper does
+    not mention it), every answer token edited.
 
-    Paper vs code: beta defaults to the paper's best 0.4 (code 0.3); the code's "spatial" stream (off by
-    default, degenerate as written) is not implemented; the edit is the code's additive |z| form (the
-    paper's figure writes it as a multiplication). LLaVA-1.5-style checkpoints only (one base view).
-    Zero strength (alpha = beta = 0) is the baseline bit for bit.
+    Lucid's option `heads="sensitive"` (not the paper's, not the code's): the paper (v1) promises
+    "head-specific modulation based on measured visual sensitivity" without a formula, and no commit has
+    one. Lucid's design: at the first answer step (the last prompt row), in each edited layer, each head's
+    visual sensitivity is the share of its (unedited) attention on the image tokens, s_h; the head's
+    weight w_h = s_h / mean_h(s) is clipped at `max_head_weight`, and the boosts become alpha * w_h and
+    beta * w_h, fixed per sample. Before the clip the weights average 1 over a layer's heads (the same
+    total boost as uniform); the clip lowers that total, and a head's boost can reach alpha * max_head_weight
+    (1.4 at the defaults), past the collapse region of the paper's own alpha sweep (0.8 breaks, 0.9
+    collapses): use it as an experiment. The measurement is a read-out of one row on the image keys (no
+    extra pass); the token sets cost one extra vision-tower pass.
+
+    Not implemented: the code's "spatial" stream (off by default, degenerate as written). The edit is the
+    code's additive |z| form (the paper's figure writes it as a multiplication). LLaVA-1.5-style
+    checkpoints only (one base view). Zero strength (alpha = beta = 0, gamma = 1) is the baseline bit for bit.
     """
 
     paper: ClassVar[str] = (
@@ -141,26 +155,55 @@ class Paint(Method):
         "of Large Vision-Language Model (later: PAINT). arXiv:2501.12206"
     )
 
+    PRESETS: ClassVar[dict[str, Preset]] = {
+        "official": Preset(
+            {"alpha": 0.7, "beta": 0.4, "heads": "uniform", "gamma": 1.1, "cutoff": 0.1, "first_token": False},
+            "hasanar1f/PAINT@52020d6 results/chair/llava-1.5/chair_eval_layers_2-32_tokens_512_bs_1_"
+            "top_token_ratio_0.25_alpha_0.7_beta_0.4_cfg_1.1.jsonl; modpai_eval.sh:17 (--use-cfg --gamma 1.1); "
+            "modPAI/attention.py:139-147 (every head), :139,194 (no edit during the image prefill)",
+        ),
+        "paper": Preset(
+            {"alpha": 0.7, "beta": 0.4, "heads": "uniform", "gamma": 1.0, "cutoff": 0.1, "first_token": True},
+            "arXiv:2501.12206 Table 1 and the alpha / beta sweeps (best alpha 0.7, beta 0.4); no guidance in the text",
+        ),
+    }
+
     alpha: float = param(0.7, "boost of local tokens: z += alpha*|z| (last row)", min=0.0, max=3.0)
-    beta: float = param(0.4, "boost of summary tokens: z += beta*|z| (paper 0.4, code 0.3)", min=0.0, max=3.0)
+    beta: float = param(
+        0.4, "boost of summary tokens: z += beta*|z| (the runs' 0.4; argparse default 0.3)", min=0.0, max=3.0
+    )
     local_ratio: float = param(
         0.25, "share of patches taken as local tokens (first-layer CLS attention)", min=0.01, max=1.0
     )
     iqr_k: float = param(1.5, "summary tokens: CLS attention above Q3 + iqr_k * IQR", min=0.0, max=10.0)
     heads: str = param(
-        "sensitive", "head modulation: by measured visual sensitivity (paper), or uniform (code)", choices=HEAD_MODES
+        "uniform", "every head alike (paper and code), or Lucid's sensitivity weighting", choices=HEAD_MODES
     )
-    max_head_weight: float = param(2.0, "clip of a head's sensitivity weight (mean weight is 1)", min=1.0, max=16.0)
+    max_head_weight: float = param(
+        2.0, "heads=sensitive (Lucid's): clip of a head's weight (mean 1 before the clip)", min=1.0, max=16.0
+    )
     layers: tuple[int, ...] | None = param(
         None, "edited layers (default: L//16 .. L-1, the paper's 2..31 of 32)", min=0
     )
+    gamma: float = param(1.1, "PAI's guidance: gamma*(log p - log p_free) + log p_free; 1 = off", min=1.0, max=5.0)
+    cutoff: float = param(0.1, "guidance plausibility cut: keep tokens with p >= cutoff * max p", min=0.0, max=1.0)
+    free_stream: str = param(
+        "strip", "guidance's image-free stream (PAI's: the image tokens removed)", choices=STREAM_KINDS
+    )
+    first_token: bool = param(False, "edit the first answer token too (the official runs, with guidance, do not)")
+
+    def second_stream(self) -> SecondStream | None:
+        if self.gamma == 1.0:
+            return None
+        return SecondStream(self.free_stream, until="end", read_by_logits=True)
 
     def contribute(self, ctx: RequestContext) -> Contribution:
         layers = resolve_layers(
             self.name, self.layers, list(range(first_edited_layer(ctx.n_layers), ctx.n_layers)), ctx.n_layers
         )
+        step = guidance(self.gamma, self.cutoff) if self.gamma != 1.0 else None
         if self.alpha == 0 and self.beta == 0:
-            return Contribution()
+            return Contribution(logits=step)
         if ctx.vlm.kind != "llava":
             raise MethodError(
                 f"paint: defined for LLaVA-1.5-style checkpoints (one base view); this one is {ctx.vlm.kind}"
@@ -170,14 +213,19 @@ class Paint(Method):
         local, summary = self._to_positions(ctx, local_p), self._to_positions(ctx, summary_p)
         sets = {"paint.local": local, "paint.summary": summary}
         if self.heads == "sensitive":
-            hook = _SensitiveHeads(layers, local, summary, self.alpha, self.beta, self.max_head_weight, ctx.main_rows())
-            return Contribution(key_sets=sets, hook=hook)
+            hook = _SensitiveHeads(
+                layers, local, summary, self.alpha, self.beta, self.max_head_weight, ctx.main_rows(), self.first_token
+            )
+            return Contribution(key_sets=sets, hook=hook, logits=step)
         per_layer = []
         if self.alpha:
-            per_layer.append(LayerEdit("paint.local", rows="last", abs_scale=self.alpha))
+            per_layer.append(LayerEdit("paint.local", rows="last", abs_scale=self.alpha, first_token=self.first_token))
         if self.beta:
-            per_layer.append(LayerEdit("paint.summary", rows="last", abs_scale=self.beta))
-        return Contribution(plan=Plan({layer: tuple(per_layer) for layer in layers}, name="paint"), key_sets=sets)
+            per_layer.append(
+                LayerEdit("paint.summary", rows="last", abs_scale=self.beta, first_token=self.first_token)
+            )
+        plan = Plan({layer: tuple(per_layer) for layer in layers}, name="paint")
+        return Contribution(plan=plan, key_sets=sets, logits=step)
 
     @staticmethod
     def _to_positions(ctx: RequestContext, patches: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,12 @@ A method file declares
         alpha: float = param(0.5, "...", min=0.0, max=5.0)
 and implements `contribute(ctx) -> Contribution` (and `second_stream()` where it needs one).
 
+**Presets.** Every method takes `preset` ("official" or "paper"), each a complete documented parameter set
+(`Method.PRESETS`, with the source of every value): "official" is what the official repository's
+evaluation scripts ran for the headline numbers and is the default (the dataclass defaults are exactly
+it: tested); "paper" is the paper's text where it differs. Explicit parameters override the preset's
+values (`pai:preset=paper,gamma=1`). Lucid's own designs are opt-in parameter values labelled "Lucid's".
+
 `parse_method("pai:alpha=0.3,gamma=1.2")`, `parse_method('{"name": "pai", "params": {"alpha": 0.3}}')`
 and `parse_method({"name": ..., "params": {...}})` all go through `build`, which checks every value
 with the same code as a direct `PAI(alpha=0.3)` (`__post_init__`). `schema(name)` is generated from
@@ -21,6 +27,7 @@ import math
 import types
 import typing
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -28,6 +35,8 @@ from lucid.errors import InputError  # torch-free: the one error contract of eve
 from mitigation.seam.request import Contribution, RequestContext, SecondStream
 
 METHODS: dict[str, type[Method]] = {}
+PRESET_NAMES = ("official", "paper")
+_EXPLICIT: ContextVar[frozenset[str] | None] = ContextVar("lucid_method_explicit", default=None)
 
 
 class MethodError(InputError):
@@ -158,15 +167,34 @@ def _coerce(method: str, f: Field, tp: Any, value: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class Preset:
+    """A complete parameter set of a method: `values` (every parameter it pins) and `source` (where each
+    value comes from: the official repository's file and line, or the paper's section)."""
+
+    values: Mapping[str, Any]
+    source: str
+
+
+@dataclass(frozen=True)
 class Method:
     """Base of every registered method: a frozen dataclass of parameters (validated on construction).
 
-    Subclasses set `name` (by `@register`) and `paper`, declare parameters with `param`, and implement
-    `contribute`; `second_stream` and `prepare_inputs` are optional.
+    Subclasses set `name` (by `@register`), `paper` and `PRESETS` ("official" = the dataclass defaults,
+    "paper"), declare parameters with `param`, and implement `contribute`; `second_stream` and
+    `prepare_inputs` are optional. `Cls(preset="paper", alpha=...)` takes the preset's value for every
+    parameter left at its default; `Cls.from_preset("paper", **overrides)` (and `parse_method`) take it
+    for every parameter not given.
     """
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    PRESETS: ClassVar[dict[str, Preset]] = {}
+
+    preset: str = param(
+        "official",
+        "parameter set: official (the official repository's evaluation scripts) or paper (the paper's text)",
+        choices=PRESET_NAMES,
+    )
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))
@@ -174,6 +202,27 @@ class Method:
             object.__setattr__(
                 self, f.name, _coerce(self.name or type(self).__name__, f, hints[f.name], getattr(self, f.name))
             )
+        preset = self.PRESETS.get(self.preset)
+        if preset is None or self.preset == "official":
+            return
+        explicit = _EXPLICIT.get() or frozenset()
+        fmap = {f.name: f for f in fields(self)}
+        for k, v in preset.values.items():
+            if k not in explicit:
+                object.__setattr__(self, k, _coerce(self.name, fmap[k], hints[k], v))
+
+    @classmethod
+    def from_preset(cls, preset: str = "official", **overrides: Any) -> Method:
+        """The preset's parameter set with `overrides` on top."""
+        return cls(preset=preset, **overrides)
+
+    def preset_values(self) -> dict[str, Any]:
+        """Every parameter's value under this method's preset, before explicit overrides."""
+        base = {f.name: f.default for f in fields(self)}
+        if self.preset != "official" and self.preset in self.PRESETS:
+            base.update(self.PRESETS[self.preset].values)
+        base["preset"] = self.preset
+        return base
 
     def prepare_inputs(self, vlm: Any, inputs: Any) -> Any:
         """Rewrite the request's inputs before anything else runs (multi-pass methods, e.g. a refined
@@ -200,9 +249,13 @@ class Method:
 
     @property
     def label(self) -> str:
-        """`name` or `name:k=v,...` with the parameters that differ from the defaults."""
-        changed = [
-            f"{f.name}={_text(getattr(self, f.name))}" for f in fields(self) if getattr(self, f.name) != f.default
+        """`name` or `name:k=v,...`: the preset when not official, then the parameters that differ from it."""
+        base = self.preset_values()
+        changed = [f"preset={self.preset}"] if self.preset != "official" else []
+        changed += [
+            f"{f.name}={_text(getattr(self, f.name))}"
+            for f in fields(self)
+            if f.name != "preset" and getattr(self, f.name) != base[f.name]
         ]
         return self.name + (":" + ",".join(changed) if changed else "")
 
@@ -239,11 +292,45 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
             _kind(_hints(cls)[f.name])  # unsupported types fail at import, not at a request
             if f.default is MISSING:
                 raise TypeError(f"{name}: parameter {f.name!r} needs a default")
+        _check_presets(name, cls)
+        _record_explicit(cls)
         cls.name = name
         METHODS[name] = cls
         return cls
 
     return deco
+
+
+def _record_explicit(cls: type[Method]) -> None:
+    """Wrap the dataclass __init__ so that `__post_init__` knows which parameters the caller gave (the
+    preset fills the others; `dataclasses.replace` gives them all, so it keeps every value)."""
+    init = cls.__init__
+    names = [f.name for f in fields(cls)]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        token = _EXPLICIT.set(frozenset(names[: len(args)]) | frozenset(kwargs))
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            _EXPLICIT.reset(token)
+
+    __init__.__doc__ = init.__doc__
+    cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+def _check_presets(name: str, cls: type[Method]) -> None:
+    """At import: both presets exist, name only real parameters, and "official" is the dataclass defaults."""
+    fmap = {f.name: f for f in fields(cls)}
+    missing = [p for p in PRESET_NAMES if p not in cls.PRESETS]
+    if missing:
+        raise TypeError(f"{name}: PRESETS needs {', '.join(PRESET_NAMES)} (missing {missing[0]})")
+    for pname, preset in cls.PRESETS.items():
+        unknown = [k for k in preset.values if k not in fmap or k == "preset"]
+        if unknown:
+            raise TypeError(f"{name}: preset {pname!r} names unknown parameter {unknown[0]!r}")
+    for k, v in cls.PRESETS["official"].values.items():
+        if fmap[k].default != v:
+            raise TypeError(f"{name}: the default of {k!r} ({fmap[k].default!r}) is not the official preset's ({v!r})")
 
 
 def get(name: str) -> type[Method]:
@@ -269,7 +356,8 @@ def build(name: str, raw: Mapping[str, Any] | None = None) -> Method:
     hints = _hints(cls)
     fmap = {f.name: f for f in fields(cls)}
     values = {k: _coerce(name, fmap[k], hints[k], v) for k, v in raw.items()}
-    return cls(**values)
+    preset = values.pop("preset", "official")
+    return cls.from_preset(preset, **values)
 
 
 def _parse_kv(name: str, text: str) -> dict[str, str]:
@@ -375,6 +463,18 @@ def _field_schema(f: Field, tp: Any) -> dict[str, Any]:
     return out
 
 
+def presets_json(cls: type[Method]) -> dict[str, Any]:
+    """Per preset: every parameter's value (the complete set) and the source of the values."""
+    out = {}
+    for pname in PRESET_NAMES:
+        values = cls.from_preset(pname).params()
+        out[pname] = {
+            "values": {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if k != "preset"},
+            "source": cls.PRESETS[pname].source,
+        }
+    return out
+
+
 def schema(name: str) -> dict[str, Any]:
     """The JSON schema (draft 2020-12) of `name`'s parameters, from its dataclass."""
     cls = get(name)
@@ -385,6 +485,7 @@ def schema(name: str) -> dict[str, Any]:
         "title": name,
         "description": summary,
         "x-paper": cls.paper,
+        "x-presets": presets_json(cls),
         "type": "object",
         "properties": {f.name: _field_schema(f, hints[f.name]) for f in fields(cls)},
         "additionalProperties": False,
@@ -425,7 +526,9 @@ def describe() -> list[dict[str, Any]]:
                     "help": f.metadata.get("help", ""),
                 }
             )
-        rows.append({"name": n, "summary": _doc(cls)[0], "paper": cls.paper, "params": params})
+        rows.append(
+            {"name": n, "summary": _doc(cls)[0], "paper": cls.paper, "params": params, "presets": presets_json(cls)}
+        )
     return rows
 
 

@@ -15,7 +15,7 @@ import torch
 
 from kernels.reference import AttentionEdit, Redistribution
 from mitigation.methods.pai import first_edited_layer
-from mitigation.methods.registry import Method, MethodError, param, register, resolve_layers
+from mitigation.methods.registry import Method, MethodError, Preset, param, register, resolve_layers
 from mitigation.seam.hooks import AttentionCall, Hook
 from mitigation.seam.request import CompositionError, Contribution, RequestContext
 from vlm import build_inputs
@@ -33,9 +33,24 @@ CALIBRATION_QUESTIONS = (
 )
 
 
+#: Backbones VAR names, with the official code's constants (seilk/VisAttnSink@98e62d6 src/logic/constants.py:9-10;
+#: tau 20 from A_exps/lv1.5_7b.yml:12). Keyed by the text config's (hidden size, layers, MLP width).
+BACKBONES: dict[tuple[int, int, int], tuple[str, tuple[int, ...], float]] = {
+    (4096, 32, 11008): ("LLaMA-2-7B (LLaVA-1.5-7B)", (1415, 2533), 20.0),
+    (5120, 40, 13824): ("LLaMA-2-13B (LLaVA-1.5-13B)", (2100, 4743), 20.0),
+}
+
+
+def named_backbone(text_config: Any) -> tuple[str, tuple[int, ...], float] | None:
+    """(name, sink dims, tau) of a backbone VAR publishes constants for, else None."""
+    key = tuple(int(getattr(text_config, k, 0) or 0) for k in ("hidden_size", "num_hidden_layers", "intermediate_size"))
+    return BACKBONES.get(key)  # type: ignore[arg-type]
+
+
 def default_tau(hidden_size: int) -> float:
-    """The paper's tau = 20 as the same fraction of the largest possible sink score sqrt(D) (a channel's
-    |x_d| / RMS(x) is at most sqrt(D)): 20 * sqrt(D / 4096); 20 on 4096-wide backbones, 3.5 on the testbed's 128."""
+    """Lucid's tau for a backbone VAR publishes nothing for: the paper's tau = 20 as the same fraction of the
+    largest possible sink score sqrt(D) (a channel's |x_d| / RMS(x) is at most sqrt(D)): 20 * sqrt(D / 4096);
+    3.5 on the testbed's 128 (named backbones use their published 20, 13B included)."""
     return PAPER_TAU * math.sqrt(hidden_size / 4096)
 
 
@@ -187,9 +202,19 @@ class _Redistribute(Hook):
     the decode steps: generated tokens never become sinks), then the layer's redistribution."""
 
     def __init__(
-        self, layers, dims, tau, fraction, min_image, min_ratio, require_image_sink, ctx: RequestContext
+        self,
+        layers,
+        dims,
+        tau,
+        fraction,
+        min_image,
+        min_ratio,
+        require_image_sink,
+        ctx: RequestContext,
+        first_token: bool = True,
     ) -> None:
         self.attention_layers = self.input_layers = frozenset(layers)
+        self.first_token = first_token
         self.dims, self.tau = tuple(dims), tau
         self.fraction = torch.full((ctx.n_heads,), fraction, device=ctx.device)
         self.min_image, self.min_ratio, self.require_image_sink = min_image, min_ratio, require_image_sink
@@ -218,7 +243,7 @@ class _Redistribute(Hook):
 
     def edit(self, call: AttentionCall, edit: AttentionEdit | None) -> AttentionEdit | None:
         r = self._redist.get(call.layer)
-        if r is None:
+        if r is None or (call.prefill and not self.first_token):
             return edit
         base = edit if edit is not None else AttentionEdit()
         if base.redistribute is not None:
@@ -253,12 +278,20 @@ class VAR(Method):
     computed from the paper's third layer on (2 of 32; 1 of the testbed's 6) and the last layer is
     excluded (the paper).
 
-    Paper vs code: the official code inverts p (it keeps p and moves 1 - p) and rho (it tests the sink
-    share <= rho, i.e. N / I >= 1 - rho): `semantics="code"` reads p and rho that way (default "paper").
-    The code also leaves a layer without visual sinks untouched (`require_image_sink=true`), edits the
-    last layer (its exclusion is dead code: `exclude_last=false`), and never resets its per-sample state
-    (sinks from the first sample are reused for all later ones): here all state lives in the request.
-    Zero strength (p = 0 with paper semantics, p = 1 with code semantics) is the baseline bit for bit.
+    Presets. `official` (the default) is what seilk/VisAttnSink@98e62d6 runs (A_exps/lv1.5_7b.yml:11-18:
+    tau 20, rho 0.5, p 0.6, summ 0.2): its code keeps p of the sink mass and moves 1 - p = 0.4
+    (src/logic/logic.py:196-201) and selects a head when its sink share of the image attention is <= rho
+    (logic.py:129-136): `semantics="code"`; it leaves a layer without visual sinks untouched (logic.py:125,
+    140-141: `require_image_sink=true`) and edits the last layer (its exclusion is shadowed by
+    `VARProcessor.except_last_layer = False`, logic.py:148,169: `exclude_last=false`). `paper` is the
+    paper's text: p = 0.6 moved, rho the non-sink share >= 0.5 (hallucination), the last layer excluded,
+    a layer's text sinks (BOS) donating even without visual sinks. In both, on the backbones VAR names
+    (`BACKBONES`: LLaMA-2-7B {1415, 2533}, 13B {2100, 4743}, constants.py:9-10) the sink dims and tau = 20
+    are the published ones (the official code, whose `set_llm_name` is never called, would use the 7B dims
+    on 13B too); on any other backbone the dims come from `lucid calibrate` and tau from `default_tau`,
+    both Lucid's. The official code never resets its per-sample state (sinks of the first sample reused for
+    all later ones): here all state lives in the request. Zero strength (p = 0 with paper semantics, p = 1
+    with code semantics) is the baseline bit for bit.
     """
 
     paper: ClassVar[str] = (
@@ -266,26 +299,62 @@ class VAR(Method):
         "ICLR 2025, arXiv:2503.03321"
     )
 
+    PRESETS: ClassVar[dict[str, Preset]] = {
+        "official": Preset(
+            {
+                "p": 0.6,
+                "rho": 0.5,
+                "min_image_attention": 0.2,
+                "semantics": "code",
+                "require_image_sink": True,
+                "exclude_last": False,
+                "first_token": True,
+            },
+            "seilk/VisAttnSink@98e62d6 A_exps/lv1.5_7b.yml:11-18; src/logic/logic.py:125-148,169,196-210; "
+            "src/logic/constants.py:9-10",
+        ),
+        "paper": Preset(
+            {
+                "p": 0.6,
+                "rho": 0.5,
+                "min_image_attention": 0.2,
+                "semantics": "paper",
+                "require_image_sink": False,
+                "exclude_last": True,
+                "first_token": True,
+            },
+            "arXiv:2503.03321 Sec. 4-5 (p = 0.6 moved, rho 0.5 for hallucination, tau 20, last layer excluded)",
+        ),
+    }
+
     p: float = param(
-        0.6, "share of the sink tokens' attention moved onto non-sink image tokens (paper semantics)", min=0.0, max=1.0
+        0.6,
+        "share of the sink mass: kept (semantics=code) or moved (paper) onto non-sink image tokens",
+        min=0.0,
+        max=1.0,
     )
     rho: float = param(
         0.5,
-        "image-centric head: non-sink share of its image attention >= rho (0.5 hallucination, 0.8 general)",
+        "image-centric head: sink share <= rho (code) / non-sink share >= rho (paper); 0.5 for hallucination",
         min=0.0,
         max=1.0,
     )
     min_image_attention: float = param(0.2, "image-centric head: its image attention >= this", min=0.0, max=1.0)
-    tau: float | None = param(None, "sink score threshold (default 20 * sqrt(D/4096): 20 on 7B)", min=0.0)
+    tau: float | None = param(
+        None, "sink score threshold (default: 20 on a named backbone, else Lucid's 20 * sqrt(D/4096))", min=0.0
+    )
     sink_dims: tuple[int, ...] | None = param(
-        None, "massive-activation channels (default: `lucid calibrate`, cached)", min=0
+        None, "massive-activation channels (default: a named backbone's, else `lucid calibrate`'s, cached)", min=0
     )
     semantics: str = param(
-        "paper", "how p and rho read: the paper's, or the official code's inverted ones", choices=SEMANTICS
+        "code", "how p and rho read: the official code's (keeps p; sink share) or the paper's", choices=SEMANTICS
     )
-    require_image_sink: bool = param(False, "leave layers without visual sinks untouched (the official code)")
-    exclude_last: bool = param(True, "leave the last layer untouched (paper; the code edits it)")
-    layers: tuple[int, ...] | None = param(None, "edited layers (default: L//16 .. L-2)", min=0)
+    require_image_sink: bool = param(True, "leave layers without visual sinks untouched (the official code)")
+    exclude_last: bool = param(False, "leave the last layer untouched (the paper; the code edits it)")
+    layers: tuple[int, ...] | None = param(
+        None, "edited layers (default: L//16 .. L-1, or .. L-2 with exclude_last)", min=0
+    )
+    first_token: bool = param(True, "edit at the prefill too (the question rows and the first answer token)")
 
     @property
     def moved_fraction(self) -> float:
@@ -301,9 +370,13 @@ class VAR(Method):
         layers = resolve_layers(self.name, self.layers, list(range(first_edited_layer(L), stop)), L)
         if self.moved_fraction == 0.0 or not layers:
             return Contribution()
-        hidden = int(ctx.vlm.model.config.text_config.hidden_size)
+        text_config = ctx.vlm.model.config.text_config
+        hidden = int(text_config.hidden_size)
+        named = named_backbone(text_config)
         if self.sink_dims is not None:
             dims = self.sink_dims
+        elif named is not None:
+            dims = named[1]
         else:
             cal = load_or_calibrate(ctx.vlm)
             dims = cal.dims
@@ -316,7 +389,7 @@ class VAR(Method):
         bad = [d for d in dims if d >= hidden]
         if bad:
             raise MethodError(f"var: sink dimension {bad[0]} is past the text backbone's hidden size {hidden}")
-        tau = self.tau if self.tau is not None else default_tau(hidden)
+        tau = self.tau if self.tau is not None else (named[2] if named is not None else default_tau(hidden))
         hook = _Redistribute(
             layers,
             dims,
@@ -326,5 +399,6 @@ class VAR(Method):
             self.min_nonsink_ratio,
             self.require_image_sink,
             ctx,
+            self.first_token,
         )
         return Contribution(hook=hook)

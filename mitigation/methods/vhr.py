@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from kernels.reference import AttentionEdit
-from mitigation.methods.registry import Method, param, register, resolve_layers
+from mitigation.methods.registry import Method, Preset, param, register, resolve_layers
 from mitigation.seam.hooks import AttentionCall, Hook
 from mitigation.seam.request import STREAM_KINDS, Contribution, RequestContext, SecondStream
 
@@ -42,8 +42,11 @@ def select_heads(
 
 
 class _Reinforce(Hook):
-    def __init__(self, layers, alpha: float, n_main: int, outlier_rule: bool, scale_free_stream: bool) -> None:
+    def __init__(
+        self, layers, alpha: float, n_main: int, outlier_rule: bool, scale_free_stream: bool, first_token: bool = True
+    ) -> None:
         self.attention_layers = frozenset(layers)
+        self.first_token = first_token
         self.alpha, self.n_main = alpha, n_main
         self.outlier_rule, self.scale_free_stream = outlier_rule, scale_free_stream
         self.scale: dict[int, torch.Tensor] = {}  # layer -> [R, H] output scale
@@ -61,8 +64,8 @@ class _Reinforce(Hook):
         free = main if self.scale_free_stream else torch.ones_like(main)
         scale = torch.cat([main, free, torch.ones(out.shape[0] - 2 * b, main.shape[1], device=main.device)])
         self.scale[call.layer], self.selected[call.layer], self.vhd[call.layer] = scale, sel, vhd
-        if self.alpha == 1.0:
-            return out  # zero strength: heads chosen (for inspection), nothing scaled
+        if self.alpha == 1.0 or not self.first_token:
+            return out  # zero strength, or the first token left alone: heads chosen, nothing scaled yet
         # every prompt position of the chosen heads, so that the cached K/V downstream match later steps
         return out * scale[:, None, :, None].to(out.dtype)
 
@@ -101,12 +104,30 @@ class VHR(Method):
     stated: `scale_free_stream=true` (default) scales it with the same heads, as "earlier layers are
     already reinforced" suggests. Zero strength is alpha = 1 (the stream still runs; tokens equal the
     baseline exactly).
+
+    Presets. The official repository (jinghan1he/VHR) could not be retrieved here, so `official` and
+    `paper` are both the paper's text (ACL 2025): alpha 2 (Sec. 4.4, App. D Table 6; a third-party port
+    also names 2.0 as the repository's default), layers {1} and the last 14 of 32 (Sec. 4.4, App. C Table 5),
+    the outlier rule (Eq. 6), heads chosen at t = 0 and reinforced at every step including the first answer
+    token (Algorithm 1: `first_token=true`). Whether the image-free stream is reinforced is not stated.
     """
 
     paper: ClassVar[str] = (
         "He et al. Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence. "
         "ACL 2025, arXiv:2412.13949"
     )
+
+    PRESETS: ClassVar[dict[str, Preset]] = {
+        "official": Preset(
+            {"alpha": 2.0, "outlier_rule": True, "first_token": True},
+            "jinghan1he/VHR not retrievable here: the paper's values (arXiv:2412.13949v3 Sec. 3.2 Eq. 6-7, Alg. 1, "
+            "Sec. 4.4, App. C-D)",
+        ),
+        "paper": Preset(
+            {"alpha": 2.0, "outlier_rule": True, "first_token": True},
+            "arXiv:2412.13949v3 Sec. 3.2 Eq. 6-7 and Algorithm 1, Sec. 4.4, App. C Table 5, App. D Table 6",
+        ),
+    }
 
     alpha: float = param(2.0, "output scale of the selected heads (1 = off)", min=0.0, max=10.0)
     outlier_rule: bool = param(True, "the paper's Eq. 6: zero the VHD of heads that surge without the image")
@@ -115,10 +136,12 @@ class VHR(Method):
     )
     scale_free_stream: bool = param(True, "reinforce the image-free stream with the same heads (paper unstated)")
     layers: tuple[int, ...] | None = param(None, "reinforced layers (default: 1 and the last round(7L/16))", min=0)
+    first_token: bool = param(True, "reinforce at the prefill too (the first answer token; Algorithm 1)")
 
     def second_stream(self) -> SecondStream:
         return SecondStream(self.free_stream, until="prefill", edited=self.scale_free_stream and self.alpha != 1.0)
 
     def contribute(self, ctx: RequestContext) -> Contribution:
         layers = resolve_layers(self.name, self.layers, vhr_layers(ctx.n_layers), ctx.n_layers)
-        return Contribution(hook=_Reinforce(layers, self.alpha, ctx.n_main, self.outlier_rule, self.scale_free_stream))
+        hook = _Reinforce(layers, self.alpha, ctx.n_main, self.outlier_rule, self.scale_free_stream, self.first_token)
+        return Contribution(hook=hook)

@@ -46,7 +46,7 @@ def lucid_attention(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     recorder = active.recorder if active.recorder is not None and active.recorder.wants_attention(layer) else None
     rows_sel = recorder.prefill_rows if recorder is not None else "all"
-    edit = active.edits.get(layer)
+    edit = active.edit_for(layer, prefill=query.shape[2] > 1)
     hooks = active.attention_hooks.get(layer, ())
     call = None
     if hooks:

@@ -31,7 +31,9 @@ class Active:
     by `keep_rows`, when a second stream is dropped after prefill).
 
     Attributes:
-        edits: layer -> compiled static edit.
+        edits: layer -> compiled static edit of the decode steps (every LayerEdit).
+        prefill_edits: layer -> compiled static edit of the prefill (the LayerEdits with `first_token`);
+            None: the same as `edits`.
         recorder: receives rows / hidden states of the first `n_main` batch rows only.
         image_index: [R, N] positions of the image tokens (-1 = padding).
         hooks: request hooks in composition order.
@@ -43,6 +45,7 @@ class Active:
     image_index: torch.Tensor | None = None
     hooks: tuple[Hook, ...] = ()
     n_main: int | None = None
+    prefill_edits: dict[int, AttentionEdit] | None = None
     attention_hooks: dict[int, tuple[Hook, ...]] = field(default_factory=dict, init=False)
     input_hooks: dict[int, tuple[Hook, ...]] = field(default_factory=dict, init=False)
 
@@ -52,6 +55,11 @@ class Active:
                 self.attention_hooks[layer] = self.attention_hooks.get(layer, ()) + (h,)
             for layer in h.input_layers:
                 self.input_hooks[layer] = self.input_hooks.get(layer, ()) + (h,)
+
+    def edit_for(self, layer: int, prefill: bool) -> AttentionEdit | None:
+        """The layer's static edit for a prefill call or a decode step."""
+        edits = self.prefill_edits if prefill and self.prefill_edits is not None else self.edits
+        return edits.get(layer)
 
     def touches(self, layer: int) -> bool:
         return (
@@ -67,6 +75,8 @@ class Active:
     def keep_rows(self, n: int) -> None:
         """Drop every batch row past the first n (from edits, the image index and every hook)."""
         self.edits = {layer: edit_rows(e, n) for layer, e in self.edits.items()}
+        if self.prefill_edits is not None:
+            self.prefill_edits = {layer: edit_rows(e, n) for layer, e in self.prefill_edits.items()}
         if self.image_index is not None:
             self.image_index = self.image_index[:n]
         for h in self.hooks:
@@ -122,14 +132,19 @@ def scope(
     if image_mask is not None:
         sets["image"] = image_mask.bool()
     edits: dict[int, AttentionEdit] = {}
+    prefill_edits: dict[int, AttentionEdit] | None = None
     if plan is not None and plan.edits:
         if n_heads is None or n_layers is None:
             raise ValueError("compiling a plan needs n_heads and n_layers of the text backbone")
         edits = compile_edits(plan, sets, n_heads, n_layers)
+        if any(not e.first_token for layer_edits in plan.edits.values() for e in layer_edits):
+            prefill_edits = compile_edits(plan.at_prefill(), sets, n_heads, n_layers)
     if recorder is not None and image_mask is None:
         raise ValueError("an attention recorder needs image_mask (the image-token positions)")
     index = image_index_from_mask(image_mask.bool()) if image_mask is not None else None
-    active = Active(edits=edits, recorder=recorder, image_index=index, hooks=hooks, n_main=n_main)
+    active = Active(
+        edits=edits, recorder=recorder, image_index=index, hooks=hooks, n_main=n_main, prefill_edits=prefill_edits
+    )
     token = _ACTIVE.set(active)
     try:
         yield active

@@ -34,6 +34,8 @@ class LayerEdit:
         abs_scale: z += abs_scale * |z| on the key set (PAI-style amplification), or None.
         bias: z += bias on the key set, or None.
         head_scale: multiply each head's output (before o_proj), or None.
+        first_token: also edit the prefill, whose last row predicts the first answer token; False edits the
+            decode steps only (the official PAI / PAINT with guidance on never edit the first answer token).
     """
 
     key_set: str = "image"
@@ -41,6 +43,7 @@ class LayerEdit:
     abs_scale: PerHead | None = None
     bias: PerHead | None = None
     head_scale: PerHead | None = None
+    first_token: bool = True
 
     def __post_init__(self) -> None:
         if self.rows not in ("all", "last"):
@@ -72,6 +75,11 @@ class Plan:
 
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted(self.edits))
+
+    def at_prefill(self) -> Plan:
+        """The edits that act on the prefill (those with `first_token`)."""
+        kept = {layer: tuple(e for e in edits if e.first_token) for layer, edits in self.edits.items()}
+        return Plan(kept, name=self.name)
 
     def then(self, other: Plan) -> Plan:
         """This plan's edits, then `other`'s, layer by layer (see the module docstring for the order)."""
