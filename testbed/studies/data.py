@@ -81,7 +81,10 @@ def make_batch(
     turns: tuple[int, int] = (1, 4),
     with_text: bool = True,
     region: float = 0.0,
+    language: str = "v3",
 ) -> Batch:
+    """A training batch of `batch_size` scenes (see `sample_scene`) with their patch coverage and category
+    sets and, `with_text`, a conversation of `turns` QAs each (`sample_qas` in `language`, `region` share)."""
     size = processor.image_processor.crop_size["height"]
     grid = size // processor.patch_size
     scenes = [sample_scene(rng, cfg, size) for _ in range(batch_size)]
@@ -97,7 +100,7 @@ def make_batch(
     seqs = []
     for s in scenes:
         n = int(rng.integers(turns[0], turns[1] + 1))
-        seqs.append(encode_conversation(processor, grid * grid, sample_qas(s, rng, n, region)))
+        seqs.append(encode_conversation(processor, grid * grid, sample_qas(s, rng, n, region, language)))
     T = max(len(ids) for ids, _ in seqs)
     pad = processor.tokenizer.pad_token_id
     input_ids = torch.full((batch_size, T), pad, dtype=torch.long)

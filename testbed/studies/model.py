@@ -43,10 +43,17 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
-    """A byte-level BPE fitted on the testbed language: any text encodes (no unknown words), the
-    testbed's words and every box coordinate 0..100 are single tokens, and decoding is exact. (The
-    trainer stops when no pair is left to merge: 575 tokens for the current language.)"""
+#: The vocabulary cap each language version's tokenizer was fitted with (the trainer stops earlier when no
+#: pair is left to merge: 384 tokens for v1, 575 for v2, and every word of v3 stays one token).
+VOCAB_SIZES = {"v1": 560, "v2": 600, "v3": 1000}
+
+
+def build_tokenizer(vocab_size: int | None = None, language: str = "v3") -> PreTrainedTokenizerFast:
+    """A byte-level BPE fitted on the testbed language (`training_corpus(language)`): any text encodes
+    (no unknown words), the testbed's words and every box coordinate 0..100 (v2 on) are single tokens, and
+    decoding is exact. `language="v1"` rebuilds the committed checkpoint's tokenizer."""
+    if vocab_size is None:
+        vocab_size = VOCAB_SIZES[language]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -56,7 +63,7 @@ def build_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(training_corpus(), trainer=trainer)
+    tok.train_from_iterator(training_corpus(language), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
     )
@@ -76,7 +83,8 @@ def build_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
 
 @dataclass(frozen=True)
 class TinyLlavaShape:
-    """Architecture of the embedded model. Defaults are the committed checkpoint's."""
+    """Architecture of the embedded model. Defaults are the committed checkpoint's (v1: 96 px, patch 8,
+    12x12 = 144 image tokens); `TinyLlavaShape.v3()` is the v3 recipe's (128 px, patch 8, 16x16 = 256)."""
 
     image_size: int = 96
     patch_size: int = 8
@@ -89,6 +97,16 @@ class TinyLlavaShape:
     text_heads: int = 4
     text_kv_heads: int = 2  # grouped-query attention, so the seam is exercised with GQA
     text_mlp: int = 384
+
+    @classmethod
+    def v1(cls) -> TinyLlavaShape:
+        """The committed checkpoint's shape (and the v2 recipe's)."""
+        return cls()
+
+    @classmethod
+    def v3(cls) -> TinyLlavaShape:
+        """More patches per object: 128 px at patch 8, a 16x16 grid of 256 image tokens; same widths."""
+        return cls(image_size=128)
 
     @property
     def grid(self) -> int:
