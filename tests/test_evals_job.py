@@ -61,11 +61,13 @@ def test_output_files(reference):
     assert cfg["method_sets"][1]["methods"][0] == {
         "name": "vhr",
         "params": {
+            "preset": "official",
             "alpha": 2.0,
             "outlier_rule": True,
             "free_stream": "strip",
             "scale_free_stream": True,
             "layers": None,
+            "first_token": True,
         },
     }
     assert cfg["decoding"]["greedy"] and cfg["batch_size"] == 4
