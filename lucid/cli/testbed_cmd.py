@@ -14,6 +14,7 @@ from lucid.cli.common import (
     quiet,
     stdout_to_stderr,
 )
+from lucid.errors import InputError
 
 
 def testbed_render(
