@@ -42,3 +42,24 @@ def ray_refusal(e: Exception, address: str | None) -> str:
     first = " ".join(str(e).split())[:400] or type(e).__name__
     where = f"join the Ray cluster at {address}" if address else "start Ray"
     return f"could not {where}: {type(e).__name__}: {first}"
+
+
+#: Ray's job server answers this (HTTP 500) while no job agent has registered yet, e.g. just after the cluster
+#: started or while its node is overloaded; it asks the client to try again later.
+NO_AGENT = "No available agent to submit job"
+
+
+def submit_job(client, attempts: int = 5, wait_s: float = 2.0, **kwargs) -> str:
+    """`client.submit_job(**kwargs)` (a `JobSubmissionClient`), retried while Ray's job server has no job agent
+    yet (up to `attempts` tries, `wait_s` apart, doubling); any other refusal is raised at once. With a
+    `submission_id` in kwargs a retry cannot submit the job twice (Ray refuses a reused id)."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as e:
+            if NO_AGENT not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(wait_s * 2**attempt)
+    raise AssertionError("unreachable")

@@ -69,8 +69,11 @@ class EvalJobs:
         out = self.root / job_id
         argv = self.argv(req, model_path, out)
         entrypoint = shlex.join(argv)
+        from lucid.ray_client import submit_job
+
         await asyncio.to_thread(
-            self.client.submit_job,
+            submit_job,
+            self.client,
             entrypoint=entrypoint,
             submission_id=job_id,
             metadata={"lucid": "eval", "suites": ",".join(req.suites)},

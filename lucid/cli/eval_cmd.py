@@ -63,7 +63,7 @@ def _submit(dashboard: str, argv: list[str], no_wait: bool) -> int:
     """Submit `lucid eval argv` as a Ray job; stream its logs; the job's outcome is the exit code."""
     import asyncio
 
-    from lucid.ray_client import ray_auth
+    from lucid.ray_client import ray_auth, submit_job
 
     ray_auth()  # a token in ~/.ray/auth_token and RAY_AUTH_MODE unset: send it (Ray's rule)
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -73,7 +73,7 @@ def _submit(dashboard: str, argv: list[str], no_wait: bool) -> int:
     except Exception as e:  # connection refused, 401 without a token, a bad address
         raise InputError(f"--submit {dashboard}: cannot reach the Ray job server ({type(e).__name__}: {e})") from None
     entrypoint = "lucid eval " + shlex.join(argv)
-    job_id = client.submit_job(entrypoint=entrypoint)
+    job_id = submit_job(client, entrypoint=entrypoint)
     typer.echo(f"lucid eval: submitted {job_id} to {dashboard}: {entrypoint}", err=True)
     if no_wait:
         typer.echo(job_id)
