@@ -18,7 +18,7 @@ SINKS = (1415, 2533)  # LLaMA-2-7B's massive-activation channels (VisAttnSink sr
 
 
 @pytest.fixture(scope="module")
-def planted_dir(tmp_path_factory):
+def planted_dir(tmp_path_factory, tiny_shape):
     """A random LLaVA with LLaMA-2-7B's hidden size (4096, 32 heads; 4 layers and a narrow MLP to stay small)
     whose BOS embedding carries massive values on channels 1415 and 2533 (600 and -500, where a layer adds
     about 1 per channel; LLaVA-1.5-7B's first token carries values in the thousands there from its early
@@ -26,22 +26,10 @@ def planted_dir(tmp_path_factory):
     of about 40 on those channels, and the other tokens' channels stay a few RMS at most."""
     from transformers import LlavaForConditionalGeneration
 
-    from testbed.studies.model import TinyLlavaShape, build_config, build_processor, build_tokenizer
+    from testbed.studies.model import build_config, build_processor, build_tokenizer
 
     torch.manual_seed(0)
-    shape = TinyLlavaShape(
-        image_size=32,
-        patch_size=8,
-        vision_hidden=32,
-        vision_layers=2,
-        vision_heads=2,
-        vision_mlp=64,
-        text_hidden=4096,
-        text_layers=4,
-        text_heads=32,
-        text_kv_heads=8,
-        text_mlp=256,
-    )
+    shape = tiny_shape(text_hidden=4096, text_layers=4, text_heads=32, text_kv_heads=8, text_mlp=256)
     tok = build_tokenizer()
     model = LlavaForConditionalGeneration(build_config(shape, tok))
     with torch.no_grad():
