@@ -37,6 +37,7 @@ from pathlib import Path
 
 from evals.testbed_metrics import testbed_metrics
 from mitigation.methods.registry import BASELINE
+from mitigation.seam.request import CompositionError
 
 CALIBRATION_SEED = 4242
 HELDOUT_SEED = 12345
@@ -182,8 +183,15 @@ def run_table(model: str, out: Path, n_cal: int, n_heldout: int, log=None) -> di
     chosen = choose_best(cal)
     base = next(r for r in cal if r["config"] == BASELINE)
     ranked = sorted(chosen.values(), key=lambda c: -_objective(next(r for r in cal if r["config"] == c), base))
-    combination = "+".join(ranked[:2])
-    configs = list(GRIDS["defaults"]) + [c for c in chosen.values() if c not in GRIDS["defaults"]] + [combination]
+    combination: str | None = "+".join(ranked[:2])
+    try:
+        parse_config(combination)
+    except CompositionError as e:  # e.g. two methods guiding by the same image-free stream
+        if log is not None:
+            log(f"sweep: the two best settings do not compose ({e}); no combination row")
+        combination = None
+    configs = list(GRIDS["defaults"]) + [c for c in chosen.values() if c not in GRIDS["defaults"]]
+    configs += [combination] if combination else []
     rows = fill(model, out / "heldout.jsonl", configs, n_heldout, HELDOUT_SEED, log)
     result = {"chosen_on_calibration": chosen, "combination": combination, "n_calibration": n_cal,
               "n_heldout": n_heldout, "rows": rows}

@@ -9,7 +9,7 @@ import torch
 
 import mitigation
 from mitigation import AttentionRecorder, CompositionError
-from mitigation.methods import parse_methods
+from mitigation.methods import parse_method, parse_methods
 from mitigation.methods.pai import PAI
 from mitigation.methods.var import VAR, load_or_calibrate
 from mitigation.methods.vhr import VHR
@@ -117,7 +117,7 @@ def test_var_state_is_reset_per_sample(testbed_vlm):
 
 
 def test_composition_order_follows_the_list(testbed_vlm, batch):
-    pai, paint = parse_methods(["pai:alpha=0.3", "paint:heads=uniform"])
+    pai, paint = parse_methods(["pai:alpha=0.3", "paint:heads=uniform,gamma=1"])
     for methods, first in (((pai, paint), "image"), ((paint, pai), "paint.local")):
         req = mitigation.prepare(testbed_vlm, batch, methods)
         assert [e.key_set for e in req.plan.edits[2]][0] == first
@@ -129,9 +129,8 @@ def test_composition_order_follows_the_list(testbed_vlm, batch):
     alone = generate(testbed_vlm, batch, SAMPLING, methods=parse_methods(["pai"]))
     assert [g.token_logprobs for g in with_vhr] == [g.token_logprobs for g in alone]
     # everything at once runs, one request
-    gens = generate(
-        testbed_vlm, batch, SAMPLING, methods=parse_methods([VAR_TEST, "vhr:scale_free_stream=false", "paint", "pai"])
-    )
+    every = parse_methods([VAR_TEST, "vhr:scale_free_stream=false", "paint:gamma=1", "pai"])
+    gens = generate(testbed_vlm, batch, SAMPLING, methods=every)
     assert len(gens) == batch.batch_size and all(g.token_ids for g in gens)
 
 
@@ -141,11 +140,16 @@ def test_composition_order_follows_the_list(testbed_vlm, batch):
         (["vhr", "pai"], "vhr edits the image-free stream whose logits pai's guidance reads"),
         (["pai", "vhr:free_stream=mean_image,scale_free_stream=false"], "pai and vhr need different second streams"),
         (["pai", "pai:alpha=1"], "pai is given twice"),
+        (["pai", "paint"], "pai and paint both guide by the image-free stream"),
     ],
 )
-def test_combinations_that_cannot_be_honoured_are_rejected(testbed_vlm, batch, specs, message):
+def test_combinations_that_cannot_be_honoured_are_rejected(specs, message):
+    """Refused when the methods are parsed (before any model is loaded) and again by the seam's prepare."""
     with pytest.raises(CompositionError, match=message):
-        generate(testbed_vlm, batch, SAMPLING, methods=parse_methods(specs))
+        parse_methods(specs)
+    methods = [parse_method(s) for s in specs]
+    with pytest.raises(CompositionError, match=message):
+        mitigation.prepare(None, None, methods)
 
 
 def test_recorder_sees_the_request_rows_and_edited_probabilities(testbed_vlm, batch):

@@ -57,7 +57,8 @@ def test_both_syntaxes_give_the_same_method():
     assert parse_method(a.to_json()) == a  # JSON round trip
     assert parse_method(a.label) == a  # the label is a valid spec
     assert parse_method("pai") == PAI()
-    assert parse_methods('[{"name": "pai"}, {"name": "vhr", "params": {"alpha": 3}}]') == (PAI(), VHR(alpha=3.0))
+    two = '[{"name": "pai"}, {"name": "vhr", "params": {"alpha": 3, "scale_free_stream": false}}]'
+    assert parse_methods(two) == (PAI(), VHR(alpha=3.0, scale_free_stream=False))
     assert parse_method("vhr:outlier_rule=false,layers=1,2").outlier_rule is False
 
 

@@ -32,7 +32,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, ClassVar
 
 from lucid.errors import InputError  # torch-free: the one error contract of every entry point
-from mitigation.seam.request import Contribution, RequestContext, SecondStream
+from mitigation.seam.request import Contribution, RequestContext, SecondStream, check_composition
 
 METHODS: dict[str, type[Method]] = {}
 PRESET_NAMES = ("official", "paper")
@@ -419,7 +419,8 @@ def _from_json(data: Any) -> Method:
 
 
 def parse_methods(specs: Any) -> tuple[Method, ...]:
-    """Several methods: a list of specs, or one JSON array string."""
+    """Several methods, composed in order: a list of specs, or one JSON array string. Compositions that can
+    be refused without a model (a method twice, second streams that conflict) raise CompositionError here."""
     if isinstance(specs, str) and specs.strip().startswith("["):
         try:
             specs = json.loads(specs)
@@ -427,7 +428,9 @@ def parse_methods(specs: Any) -> tuple[Method, ...]:
             raise MethodError(f"methods JSON does not parse: {e.msg} at character {e.pos}") from None
     if isinstance(specs, (str, Mapping, Method)):
         specs = [specs]
-    return tuple(parse_method(s) for s in specs)
+    methods = tuple(parse_method(s) for s in specs)
+    check_composition(methods)
+    return methods
 
 
 # --------------------------------------------------------------------------------------------- schema

@@ -220,6 +220,11 @@ def _check_streams(streams: list[tuple[Method, SecondStream]]) -> SecondStream |
                     f"{a.name} and {b.name} need different second streams ({a.name}: {sa.kind}, {b.name}: "
                     f"{sb.kind}); give both the same free_stream"
                 )
+            if sa.read_by_logits and sb.read_by_logits:
+                raise CompositionError(
+                    f"{a.name} and {b.name} both guide by the image-free stream (the guidance would apply twice); "
+                    f"set gamma=1 on one of them"
+                )
             for x, sx, y, sy in ((a, sa, b, sb), (b, sb, a, sa)):
                 if sx.edited and sy.read_by_logits:
                     raise CompositionError(
@@ -275,6 +280,21 @@ def _row_start(ids: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     return torch.where(last >= 0, last + 1, torch.full_like(last, T))
 
 
+def check_composition(methods: Sequence[Method]) -> SecondStream | None:
+    """What can be checked without a model (so front ends refuse before any work): each method given once,
+    and second streams that can be shared. Returns the shared stream (None: no method needs one).
+
+    Raises:
+        CompositionError: naming the two methods.
+    """
+    seen: set[str] = set()
+    for m in methods:
+        if m.name in seen:
+            raise CompositionError(f"{m.name} is given twice; give each method once (with the parameters wanted)")
+        seen.add(m.name)
+    return _check_streams([(m, s) for m in methods if (s := m.second_stream()) is not None])
+
+
 def prepare(vlm: Any, inputs: Any, methods: Sequence[Method] = (), plan: Plan | None = None) -> Request:
     """Compose `methods` (in order, after an explicit `plan`) into a Request for `inputs`.
 
@@ -284,15 +304,9 @@ def prepare(vlm: Any, inputs: Any, methods: Sequence[Method] = (), plan: Plan | 
     """
     t0 = time.perf_counter()
     methods = tuple(methods)
-    seen: set[str] = set()
-    for m in methods:
-        if m.name in seen:
-            raise CompositionError(f"{m.name} is given twice; give each method once (with the parameters wanted)")
-        seen.add(m.name)
+    stream = check_composition(methods)
     for m in methods:
         inputs = m.prepare_inputs(vlm, inputs)
-    needs = [(m, s) for m in methods if (s := m.second_stream()) is not None]
-    stream = _check_streams(needs)
     n_main = inputs.batch_size
     kwargs = stream_rows(vlm, inputs, stream.kind) if stream is not None else inputs.model_kwargs()
     ids = kwargs["input_ids"]
