@@ -1,6 +1,6 @@
 """Which model, loaded how, and one call to generate. Knows nothing about particular methods.
 
-Public surface: `load_vlm`, `build_inputs`, `generate`, `ask`, and the value types.
+Public surface: `load_vlm`, `build_inputs`, `generate` (vlm/decoding.py), the value types and the input contract.
 
 Names resolve lazily (PEP 562): `import vlm` and the input contract (`lucid.errors`, `vlm.images`,
 `vlm.contract`, `vlm.checkpoint`) import no torch, so front ends check user input in milliseconds;
