@@ -9,6 +9,7 @@ for one image and one question. Drawing (heatmap PNGs) is `lucid.heatmap`'s, on 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ class Answer:
         token_risk: each token's risk (an answer cut at once by eos has one: its eos row).
         located: the located queries (`grounding.Location`), in the order asked.
         prompt_tokens: the row's prompt length (image tokens included, padding not).
+        locate_s: seconds spent locating, per located query (the batch's locate call divided evenly).
     """
 
     generation: Generation
@@ -49,6 +51,7 @@ class Answer:
     token_risk: tuple[float, ...] | None = None
     located: tuple = ()
     prompt_tokens: int = 0
+    locate_s: float = 0.0
 
     @property
     def text(self) -> str:
@@ -204,8 +207,11 @@ def answer_batch(
     gens = generate(vlm, inputs, sampling, plan=plan, recorder=recorder, methods=methods, on_token=on_token)
     token_risk = score_answers(risk, recorder, inputs, gens) if risk is not None else [None] * len(gens)
     located: list[tuple] = [()] * len(gens)
+    locate_s = 0.0
     if locate is not None:
+        t = time.perf_counter()
         located = _locate_rows(vlm, images, questions, gens, locate, selection)
+        locate_s = (time.perf_counter() - t) / max(1, sum(len(r) for r in located))
     prompt_tokens = inputs.attention_mask.sum(-1).tolist()
     out = []
     for b, gen in enumerate(gens):
@@ -221,6 +227,7 @@ def answer_batch(
                 token_risk=tr,
                 located=located[b],
                 prompt_tokens=int(prompt_tokens[b]),
+                locate_s=locate_s,
             )
         )
     return out

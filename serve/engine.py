@@ -197,8 +197,6 @@ class Engine:
                 selection=self.selection if locate is not None else None,
                 on_token=on_token,
             )
-            t_done = time.perf_counter()
-        n_located = sum(len(a.located) for a, j in zip(answers, jobs) if j.locate)
         results = []
         for job, ans in zip(jobs, answers):
             gen = ans.generation
@@ -217,8 +215,7 @@ class Engine:
                 res["_layout"] = gen.layout
                 res["attention_heads"] = None if ans.attention_heads is None else [list(h) for h in ans.attention_heads]
             if job.locate:
-                locate_s = (t_done - t_lock - gen.timings.total_s) / max(1, n_located)
-                res["located"] = [_location_json(loc, locate_s) for loc in ans.located]
+                res["located"] = [_location_json(loc, ans.locate_s) for loc in ans.located]
             results.append(res)
         for job, res in zip(jobs, results):  # drawing needs no model: outside the lock
             grid, lay = res.pop("_grid", None), res.pop("_layout", None)
