@@ -22,7 +22,7 @@ SAMPLING = SamplingParams(max_new_tokens=8)
 # the testbed backbone has no massive activations (see `lucid calibrate testbed`), so VAR's tests name
 # sink dimensions that flag some tokens: channel 1 dominates many image tokens' hidden states
 VAR_TEST = "var:sink_dims=1,tau=5.8,rho=0.1"
-EFFECTIVE = ["pai", "pai:alpha=0,gamma=2", "paint", "paint:heads=uniform", "vhr", VAR_TEST]
+EFFECTIVE = ["pai", "pai:alpha=0,gamma=2", "paint", "paint:heads=uniform", "vhr", VAR_TEST, "vcd", "vcd+vhr"]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,7 @@ def _cache(tmp_path, monkeypatch):
         "var:p=0,semantics=paper",
         "var:preset=paper,p=0",
         "var:p=1",
+        "vcd:alpha=0,beta=0",
     ],
 )
 def test_zero_strength_is_the_baseline_bit_for_bit(testbed_vlm, batch, baseline, spec):
@@ -70,6 +71,7 @@ def test_zero_strength_is_the_baseline_bit_for_bit(testbed_vlm, batch, baseline,
         "paint:alpha=1e-6,beta=1e-6,gamma=1",
         "vhr:alpha=1.000001",
         "var:semantics=paper,p=1e-6,sink_dims=1,tau=5.8,rho=0.1,require_image_sink=false",
+        "vcd:alpha=1e-6,beta=0",  # the noised stream runs (its images change the batch: not bit for bit)
     ],
 )
 def test_near_zero_strength_is_continuous(testbed_vlm, batch, baseline, spec):
@@ -83,7 +85,7 @@ def test_near_zero_strength_is_continuous(testbed_vlm, batch, baseline, spec):
 
 @pytest.mark.parametrize("spec", EFFECTIVE)
 def test_batch_rows_equal_batch_size_one(testbed_vlm, batch, baseline, spec):
-    methods = parse_methods([spec])
+    methods = parse_methods(spec.split("+"))
     gens = generate(testbed_vlm, batch, SAMPLING, methods=methods)
     assert any(g.token_logprobs != b.token_logprobs for g, b in zip(gens, baseline)), "the method must act"
     for i, g in enumerate(gens):
@@ -134,13 +136,51 @@ def test_composition_order_follows_the_list(testbed_vlm, batch):
     assert len(gens) == batch.batch_size and all(g.token_ids for g in gens)
 
 
+def test_different_streams_get_their_own_blocks(testbed_vlm, batch):
+    """vcd's noised stream, vhr's image-free one and pai's mean-image one are separate blocks of rows: each
+    method reads its own (vhr's heads and vcd's answers are those it gets alone), and the prefill-only
+    block is dropped after the first step."""
+    B = batch.batch_size
+    both = mitigation.prepare(testbed_vlm, batch, parse_methods(["vhr", "vcd"]))
+    assert [s.kind for s in both.streams] == ["noise", "strip"]  # the block living to the end comes first
+    assert both.rows == 3 * B
+    free = both.model_kwargs["input_ids"][2 * B :]
+    assert not (free == testbed_vlm.image_token_id).any() and torch.equal(
+        both.model_kwargs["input_ids"][B : 2 * B], batch.input_ids
+    )
+    gens = {
+        key: generate(testbed_vlm, batch, SAMPLING, methods=parse_methods(key.split("+")))
+        for key in ("vcd", "vhr:alpha=1", "vhr:alpha=1+vcd", "vcd+vhr:alpha=1")
+    }
+    for key in ("vhr:alpha=1+vcd", "vcd+vhr:alpha=1"):  # vhr at zero strength: its block runs, changes nothing
+        assert [g.token_ids for g in gens[key]] == [g.token_ids for g in gens["vcd"]]
+        for g, a in zip(gens[key], gens["vcd"]):
+            got, want = torch.tensor(g.token_logprobs), torch.tensor(a.token_logprobs)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    def heads(methods):
+        req = mitigation.prepare(testbed_vlm, batch, parse_methods(methods))
+        with torch.no_grad(), mitigation.scope(request=req, n_heads=testbed_vlm.n_heads, n_layers=testbed_vlm.n_layers):
+            mask = req.model_kwargs["attention_mask"]
+            testbed_vlm.model(**req.model_kwargs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        return next(h for h in req.hooks if hasattr(h, "selected")).selected
+
+    alone, with_vcd = heads(["vhr"]), heads(["vcd", "vhr"])
+    assert alone.keys() == with_vcd.keys() and all(torch.equal(alone[k], with_vcd[k]) for k in alone)
+    # three blocks: pai's mean-image guidance and vcd each read their own stream
+    three = mitigation.prepare(testbed_vlm, batch, parse_methods(["pai:free_stream=mean_image", "vcd", "vhr"]))
+    assert [s.kind for s in three.streams] == ["mean_image", "noise", "strip"] and three.rows == 4 * B
+    assert [start for _, start in three.logits_steps] == [B, 2 * B]
+    out = generate(testbed_vlm, batch, SAMPLING, methods=parse_methods(["pai:free_stream=mean_image", "vcd", "vhr"]))
+    assert all(g.token_ids for g in out)
+
+
 @pytest.mark.parametrize(
     "specs, message",
     [
-        (["vhr", "pai"], "vhr edits the image-free stream whose logits pai's guidance reads"),
-        (["pai", "vhr:free_stream=mean_image,scale_free_stream=false"], "pai and vhr need different second streams"),
+        (["vhr", "pai"], "vhr edits the strip stream whose logits pai reads"),
         (["pai", "pai:alpha=1"], "pai is given twice"),
-        (["pai", "paint"], "pai and paint both guide by the image-free stream"),
+        (["pai", "paint"], "pai and paint both guide by the same strip stream"),
     ],
 )
 def test_combinations_that_cannot_be_honoured_are_rejected(specs, message):

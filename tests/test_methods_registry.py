@@ -24,13 +24,13 @@ from mitigation.methods.vhr import VHR, vhr_layers
 
 
 def test_registered_names():
-    assert sorted(METHODS) == ["pai", "paint", "var", "vhr"]
+    assert sorted(METHODS) == ["pai", "paint", "var", "vcd", "vhr"]
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(MethodError, match=r"unknown method 'vcd'; valid: pai, paint, var, vhr"):
-        parse_method("vcd:alpha=1")
-    with pytest.raises(MethodError, match="valid: pai, paint, var, vhr"):
+    with pytest.raises(MethodError, match=r"unknown method 'opera'; valid: pai, paint, var, vcd, vhr"):
+        parse_method("opera:alpha=1")
+    with pytest.raises(MethodError, match="valid: pai, paint, var, vcd, vhr"):
         parse_method({"name": "nope"})
 
 
@@ -211,8 +211,12 @@ def test_sweep_chooses_best_admissible_setting_per_method():
     from evals.sweep import BASELINE, admissible, choose_best
 
     def row(config, fy, chair, acc=0.97, recall=0.9):
-        return {"config": config, "partner_absent_false_yes": fy, "caption": {"chair_i": chair, "recall": recall},
-                "pope_random": {"accuracy": acc}}
+        return {
+            "config": config,
+            "partner_absent_false_yes": fy,
+            "caption": {"chair_i": chair, "recall": recall},
+            "pope_random": {"accuracy": acc},
+        }
 
     base = row(BASELINE, 0.8, 0.10)
     rows = [

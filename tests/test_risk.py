@@ -80,8 +80,9 @@ def test_answer_batch_with_risk_keeps_tokens_and_scores_every_token(testbed_vlm)
     gens = generate(vlm, inputs, SamplingParams(max_new_tokens=12), recorder=rec)
     T = inputs.input_ids.shape[1]
     rows = [range(max(lay.all_token_positions) + 1, T) for lay in inputs.layouts]
-    feats = token_features(rec, model.layers, [max(1, len(g.token_ids)) for g in gens], T,
-                           [g.token_logprobs for g in gens], rows)
+    feats = token_features(
+        rec, model.layers, [max(1, len(g.token_ids)) for g in gens], T, [g.token_logprobs for g in gens], rows
+    )
     for f, b in zip(feats, scored):
         np.testing.assert_allclose(model.score(f), b.token_risk, atol=1e-6)
     # a recorder that cannot feed the model is refused with a clear message

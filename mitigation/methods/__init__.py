@@ -5,10 +5,11 @@
     vlm.generate(vlm, inputs, sampling, methods=methods)
 
 Registered: `pai` (PAI, ECCV 2024), `paint` (the imbalanced-attention fix, arXiv 2501.12206), `var`
-(VAR, ICLR 2025), `vhr` (VHR, ACL 2025). See `mitigation.seam.request` for how a list of methods composes.
+(VAR, ICLR 2025), `vcd` (VCD, CVPR 2024), `vhr` (VHR, ACL 2025). See `mitigation.seam.request` for how
+a list of methods composes.
 """
 
-from mitigation.methods import pai, paint, var, vhr  # noqa: F401  (registers the methods)
+from mitigation.methods import pai, paint, var, vcd, vhr  # noqa: F401  (registers the methods)
 from mitigation.methods.registry import (
     BASELINE,
     METHODS,

@@ -10,7 +10,7 @@ import torch
 
 from mitigation.methods.registry import Method, Preset, param, register, resolve_layers
 from mitigation.seam.plan import LayerEdit, Plan
-from mitigation.seam.request import STREAM_KINDS, Contribution, RequestContext, SecondStream
+from mitigation.seam.request import IMAGE_FREE_KINDS, Contribution, RequestContext, SecondStream
 
 
 def first_edited_layer(n_layers: int) -> int:
@@ -87,7 +87,7 @@ class PAI(Method):
     gamma: float = param(1.1, "guidance: gamma*(log p - log p_free) + log p_free; 1 = off", min=1.0, max=5.0)
     cutoff: float = param(0.1, "guidance plausibility cut: keep tokens with p >= cutoff * max p", min=0.0, max=1.0)
     free_stream: str = param(
-        "strip", "the image-free stream: strip the image tokens, or a mean-colour image", choices=STREAM_KINDS
+        "strip", "the image-free stream: strip the image tokens, or a mean-colour image", choices=IMAGE_FREE_KINDS
     )
     layers: tuple[int, ...] | None = param(
         None, "edited layers (default: L//16 .. L-1, the paper's 2..31 of 32)", min=0

@@ -16,7 +16,7 @@ from mitigation.methods.registry import Method, MethodError, Preset, param, regi
 from mitigation.seam.context import image_index_from_mask
 from mitigation.seam.hooks import AttentionCall, Hook
 from mitigation.seam.plan import LayerEdit, Plan
-from mitigation.seam.request import STREAM_KINDS, Contribution, RequestContext, SecondStream
+from mitigation.seam.request import IMAGE_FREE_KINDS, Contribution, RequestContext, SecondStream
 
 HEAD_MODES = ("uniform", "sensitive")
 
@@ -188,7 +188,7 @@ class Paint(Method):
     gamma: float = param(1.1, "PAI's guidance: gamma*(log p - log p_free) + log p_free; 1 = off", min=1.0, max=5.0)
     cutoff: float = param(0.1, "guidance plausibility cut: keep tokens with p >= cutoff * max p", min=0.0, max=1.0)
     free_stream: str = param(
-        "strip", "guidance's image-free stream (PAI's: the image tokens removed)", choices=STREAM_KINDS
+        "strip", "guidance's image-free stream (PAI's: the image tokens removed)", choices=IMAGE_FREE_KINDS
     )
     first_token: bool = param(False, "edit the first answer token too (the official runs, with guidance, do not)")
 
@@ -221,9 +221,7 @@ class Paint(Method):
         if self.alpha:
             per_layer.append(LayerEdit("paint.local", rows="last", abs_scale=self.alpha, first_token=self.first_token))
         if self.beta:
-            per_layer.append(
-                LayerEdit("paint.summary", rows="last", abs_scale=self.beta, first_token=self.first_token)
-            )
+            per_layer.append(LayerEdit("paint.summary", rows="last", abs_scale=self.beta, first_token=self.first_token))
         plan = Plan({layer: tuple(per_layer) for layer in layers}, name="paint")
         return Contribution(plan=plan, key_sets=sets, logits=step)
 

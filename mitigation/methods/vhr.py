@@ -11,7 +11,7 @@ import torch
 from kernels.reference import AttentionEdit
 from mitigation.methods.registry import Method, Preset, param, register, resolve_layers
 from mitigation.seam.hooks import AttentionCall, Hook
-from mitigation.seam.request import STREAM_KINDS, Contribution, RequestContext, SecondStream
+from mitigation.seam.request import IMAGE_FREE_KINDS, Contribution, RequestContext, SecondStream
 
 
 def vhr_layers(n_layers: int) -> list[int]:
@@ -43,11 +43,19 @@ def select_heads(
 
 class _Reinforce(Hook):
     def __init__(
-        self, layers, alpha: float, n_main: int, outlier_rule: bool, scale_free_stream: bool, first_token: bool = True
+        self,
+        layers,
+        alpha: float,
+        n_main: int,
+        outlier_rule: bool,
+        scale_free_stream: bool,
+        first_token: bool = True,
+        free_start: int | None = None,
     ) -> None:
         self.attention_layers = frozenset(layers)
         self.first_token = first_token
         self.alpha, self.n_main = alpha, n_main
+        self.free_start = n_main if free_start is None else free_start  # the image-free stream's first row
         self.outlier_rule, self.scale_free_stream = outlier_rule, scale_free_stream
         self.scale: dict[int, torch.Tensor] = {}  # layer -> [R, H] output scale
         self.selected: dict[int, torch.Tensor] = {}  # layer -> [B, H] bool (for inspection)
@@ -56,13 +64,15 @@ class _Reinforce(Hook):
     def output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
         if not call.prefill:
             return out  # decode steps scale through the edit (see `edit`)
-        b = self.n_main
-        if out.shape[0] < 2 * b:
+        b, f = self.n_main, self.free_start
+        if out.shape[0] < f + b:
             raise RuntimeError("vhr needs its image-free stream in the prefill batch")
-        sel, vhd = select_heads(out[:b, -1], out[b : 2 * b, -1], self.outlier_rule)  # out: [R, T, H, D]
+        sel, vhd = select_heads(out[:b, -1], out[f : f + b, -1], self.outlier_rule)  # out: [R, T, H, D]
         main = torch.where(sel, self.alpha, 1.0)
-        free = main if self.scale_free_stream else torch.ones_like(main)
-        scale = torch.cat([main, free, torch.ones(out.shape[0] - 2 * b, main.shape[1], device=main.device)])
+        scale = torch.ones(out.shape[0], main.shape[1], device=main.device)  # other streams' rows: unscaled
+        scale[:b] = main
+        if self.scale_free_stream:
+            scale[f : f + b] = main
         self.scale[call.layer], self.selected[call.layer], self.vhd[call.layer] = scale, sel, vhd
         if self.alpha == 1.0 or not self.first_token:
             return out  # zero strength, or the first token left alone: heads chosen, nothing scaled yet
@@ -132,7 +142,7 @@ class VHR(Method):
     alpha: float = param(2.0, "output scale of the selected heads (1 = off)", min=0.0, max=10.0)
     outlier_rule: bool = param(True, "the paper's Eq. 6: zero the VHD of heads that surge without the image")
     free_stream: str = param(
-        "strip", "the image-free stream: strip the image tokens, or a mean-colour image", choices=STREAM_KINDS
+        "strip", "the image-free stream: strip the image tokens, or a mean-colour image", choices=IMAGE_FREE_KINDS
     )
     scale_free_stream: bool = param(True, "reinforce the image-free stream with the same heads (paper unstated)")
     layers: tuple[int, ...] | None = param(None, "reinforced layers (default: 1 and the last round(7L/16))", min=0)
@@ -143,5 +153,13 @@ class VHR(Method):
 
     def contribute(self, ctx: RequestContext) -> Contribution:
         layers = resolve_layers(self.name, self.layers, vhr_layers(ctx.n_layers), ctx.n_layers)
-        hook = _Reinforce(layers, self.alpha, ctx.n_main, self.outlier_rule, self.scale_free_stream, self.first_token)
+        hook = _Reinforce(
+            layers,
+            self.alpha,
+            ctx.n_main,
+            self.outlier_rule,
+            self.scale_free_stream,
+            self.first_token,
+            free_start=ctx.stream_start,
+        )
         return Contribution(hook=hook)
