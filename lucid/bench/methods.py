@@ -47,6 +47,8 @@ METHOD_SPECS = {
     "method:vhr": "vhr",
     "method:var": "var",
     "method:vhr+pai": "vhr:scale_free_stream=false+pai",
+    "method:vcd": "vcd",
+    "method:vcd+vhr": "vcd+vhr",
 }
 PATHS = BASE_PATHS + tuple(METHOD_SPECS)
 
