@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test venv bench clean browser
+.PHONY: run test venv bench clean browser tables
 
 # A CUDA torch importable by the system python is kept (the venv sees it); otherwise the local CPU
 # build torch==2.13.0 is installed before the project so no resolver pulls the CUDA wheels.
@@ -40,3 +40,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
+
+# every measured table of a testbed checkpoint into one folder (MODEL=testbed|DIR, OUT=DIR; QUICK=quick for a smoke run)
+tables: $(STAMP)
+	LUCID=$(VENV)/bin/lucid PY=$(PY) bash testbed/remake_tables.sh $(or $(MODEL),testbed) $(or $(OUT),out/tables) $(QUICK)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Re-make every measured table of a testbed checkpoint, in one command, into one folder:
+#
+#   bash testbed/remake_tables.sh MODEL OUT [quick]
+#
+# MODEL: `testbed` (the embedded checkpoint) or a llava-hf directory trained by `lucid testbed train`.
+# OUT:   where each table's JSON / report goes (created). `quick` shrinks every size (a smoke run, not a table).
+# Each step is a documented command (docs/testbed.md, docs/grounding.md, docs/evals.md); they run one after
+# the other (the machine has 2 cores) and a step's output is kept when a later one fails. About 1 h 30 min
+# on the 2-core machine for the full sizes.
+set -euo pipefail
+MODEL=${1:?usage: remake_tables.sh MODEL OUT [quick]}
+OUT=${2:?usage: remake_tables.sh MODEL OUT [quick]}
+QUICK=${3:-}
+LUCID=${LUCID:-lucid}
+PY=${PY:-python}
+mkdir -p "$OUT"
+if [[ $QUICK == quick ]]; then N=12 NEVAL=12 NCAL=20 NFOREIGN=6 NTABLE=6; else N=300 NEVAL=200 NCAL=150 NFOREIGN=150 NTABLE=200; fi
+step() { echo "== $(date -u +%H:%M:%S) $1" >&2; }
+
+step "foundation: POPE splits, colour / count, captions (short and detailed), CHAIR (docs/testbed.md)"
+$LUCID testbed eval --model "$MODEL" --n "$N" --out "$OUT/metrics.json" > /dev/null
+
+step "the benchmarks' own prompts: POPE with LLaVA-1.5's suffix, CHAIR's detail prompt, localization, SAM"
+$LUCID eval --model "$MODEL" --workers 0 --batch-size 16 \
+  --suite "testbed-pope:n=$N" --suite "testbed-chair:n=$N" --suite "testbed-qa:n=$N,n_foreign=$NFOREIGN" \
+  --suite "testbed-locate:n=$N,n_foreign=$NFOREIGN" --suite "testbed-segment:n=$N" --out "$OUT/foundation"
+
+step "localization heads and the locate rules on calibration / held-out / foreign scenes (docs/grounding.md)"
+$PY -m testbed.studies.localization --model "$MODEL" --calib-scenes "$NCAL" --scenes "$NEVAL" --foreign "$NFOREIGN" \
+  --out "$OUT/localization.json"
+
+step "attention -> SAM (docs/grounding.md)"
+$LUCID testbed eval-sam --model "$MODEL" --attention --n "$N" --foreign "$NFOREIGN" --out "$OUT/sam.json"
+
+step "the hallucination-risk score's AUROC (docs/testbed.md)"
+$LUCID testbed calibrate-risk --model "$MODEL" --n "$NCAL" --n-eval "$NEVAL" --out "$OUT/lucid_risk.json"
+
+step "the method table with the presets (docs/evals.md, docs/methods.md)"
+$LUCID eval --model "$MODEL" --workers 0 --batch-size 16 \
+  --suite "testbed-pope:n=$NTABLE" --suite "testbed-chair:n=$NTABLE" \
+  --method pai --method pai:preset=paper --method paint --method paint:preset=paper --method paint:heads=sensitive \
+  --method vhr --method var --method var:preset=paper --method vcd --method vcd:preset=paper \
+  --out "$OUT/eval-presets"
+
+step "done: $OUT"
