@@ -146,6 +146,7 @@ def fill(model: str, path: Path, configs: Sequence[str], n_scenes: int, seed: in
 
 def _objective(row: dict, base: dict) -> float:
     """Relative cut of the partner-absent false-yes rate plus relative cut of CHAIR_i (higher is better)."""
+
     def cut(a: float, b: float) -> float:
         return (b - a) / b if b > 0 else 0.0
 
@@ -193,11 +194,20 @@ def run_table(model: str, out: Path, n_cal: int, n_heldout: int, log=None) -> di
     configs = list(GRIDS["defaults"]) + [c for c in chosen.values() if c not in GRIDS["defaults"]]
     configs += [combination] if combination else []
     rows = fill(model, out / "heldout.jsonl", configs, n_heldout, HELDOUT_SEED, log)
-    result = {"chosen_on_calibration": chosen, "combination": combination, "n_calibration": n_cal,
-              "n_heldout": n_heldout, "rows": rows}
+    result = {
+        "chosen_on_calibration": chosen,
+        "combination": combination,
+        "n_calibration": n_cal,
+        "n_heldout": n_heldout,
+        "rows": rows,
+    }
     (out / "table.json").write_text(json.dumps(result, indent=1))
-    meta = {"model": model, "heldout_seed": HELDOUT_SEED, "n_scenes": n_heldout,
-            "settings_chosen_on": f"seed {CALIBRATION_SEED}, {n_cal} scenes"}
+    meta = {
+        "model": model,
+        "heldout_seed": HELDOUT_SEED,
+        "n_scenes": n_heldout,
+        "settings_chosen_on": f"seed {CALIBRATION_SEED}, {n_cal} scenes",
+    }
     (out / "table.md").write_text(to_markdown(rows, meta))
     return result
 

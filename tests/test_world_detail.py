@@ -28,3 +28,22 @@ def test_detail_scenes_are_reproducible_and_seeded():
     assert not np.array_equal(
         np.asarray(next(detail_scenes(31337, 1)).image.resize((64, 64))), np.asarray(other.image.resize((64, 64)))
     )
+
+
+def test_the_detail_suite_asks_what_the_scenes_show():
+    from evals.suites import build
+
+    suite = build("testbed-detail:n=6")
+    samples = suite.samples()
+    assert {s.split for s in samples} == {"existence", "color", "count"}
+    assert [s.id for s in samples] == [s.id for s in build("testbed-detail:n=6").samples()]
+    for s in samples:
+        if s.split == "existence" and s.target == "yes":
+            x0, y0, x1, y1 = s.meta["target_box"]
+            w, h = s.meta["image_size"]
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+    yes = next(s for s in samples if s.split == "existence" and s.target == "yes")
+    assert suite.judge(yes, "Yes.")["stats"] == {"pred_yes": 1, "label_yes": 1}
+    color = next(s for s in samples if s.split == "color")
+    assert suite.judge(color, color.target + ".")["stats"]["correct"] == 1
+    assert suite.judge(color, "Purple.")["stats"]["correct"] == 0

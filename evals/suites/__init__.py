@@ -5,6 +5,7 @@
     testbed-pope    POPE random / popular / adversarial + the partner-absent split on testbed scenes
     testbed-chair   CHAIR on testbed captions (exact ground truth from the scenes)
     testbed-qa      colour, count, box-as-text and foreign-scene questions (the rest of `testbed eval`)
+    testbed-detail  existence / colour / count of small objects on large canvases (CARVE's regime)
     testbed-locate  `lucid locate` on testbed scenes: pointing, box accuracy, mean IoU (baseline only)
     testbed-segment text query -> locate -> SAM on the same objects: mask mIoU, share at IoU >= 0.5
 
@@ -25,6 +26,7 @@ SUITES: dict[str, str] = {
     "testbed-pope": "evals.suites.testbed:TestbedPope",
     "testbed-chair": "evals.suites.testbed:TestbedChair",
     "testbed-qa": "evals.suites.testbed:TestbedQA",
+    "testbed-detail": "evals.suites.testbed:TestbedDetail",
     "testbed-locate": "evals.suites.grounding:TestbedLocate",
     "testbed-segment": "evals.suites.grounding:TestbedSegment",
 }

@@ -171,3 +171,76 @@ class TestbedQA(_Testbed):
             return {"pred": list(box) if box else None, "stats": {"iou": box_iou(box, truth) if box else 0.0}}
         pred = answer.strip().rstrip(".").lower()
         return {"pred": pred, "stats": {"correct": int(pred == sample.target.lower())}}
+
+
+def detail_items(n: int, seed: int) -> dict[str, list]:
+    """The detail split's questions (`testbed.world.detail`): per scene one present and one absent category
+    ("Is there a {colour} {shape} in the image?"), the colour of a shape drawn once, and the count of a shape;
+    each item is (scene, QA, the object the answer depends on or None). Deterministic by seed."""
+    import numpy as np
+
+    from testbed.world.detail import detail_scenes
+    from testbed.world.language import QA, color_question, count_question, existence_question
+    from testbed.world.scenes import CATEGORIES, SHAPES
+
+    rng = np.random.default_rng([seed, 0xDE7])
+    out: dict[str, list] = {"existence": [], "color": [], "count": []}
+    for s in detail_scenes(seed, n):
+        present = sorted({o.category for o in s.objects})
+        absent = [c for c in CATEGORIES if c not in s.categories(include_occluded=True)]
+        cat = present[int(rng.integers(len(present)))]
+        target = next(o for o in s.objects if o.category == cat)
+        out["existence"].append((s, QA(existence_question(*cat), "yes", "exist"), target))
+        if absent:
+            cat = absent[int(rng.integers(len(absent)))]
+            out["existence"].append((s, QA(existence_question(*cat), "no", "exist"), None))
+        unique = [sh for sh in SHAPES if s.count(sh) == 1]
+        if unique:
+            sh = unique[int(rng.integers(len(unique)))]
+            obj = next(o for o in s.objects if o.shape == sh)
+            out["color"].append((s, QA(color_question(sh), obj.color.capitalize(), "color"), obj))
+        sh = SHAPES[int(rng.integers(len(SHAPES)))]
+        out["count"].append((s, QA(count_question(sh), str(s.count(sh)), "count"), None))
+    return out
+
+
+class TestbedDetail(Suite):
+    """Small targets on large canvases (`testbed.world.detail`): existence, colour and count where seeing
+    detail decides the answer. Nothing trains on it; calibrate methods on `seed=4243`, not on the eval seed."""
+
+    name = "testbed-detail"
+    summary = "existence / colour / count of small objects on large canvases (CARVE's and the magnifier's regime)"
+    PARAMS = {
+        "n": Param(int, 200, "scenes"),
+        "seed": Param(int, 31337, "seed of the scenes (4243: the calibration seed, kept apart)"),
+    }
+    KINDS = {"existence": "binary", "color": "accuracy", "count": "accuracy"}
+
+    def setup(self) -> None:
+        if int(self.params["n"]) < 1:
+            raise SuiteError(f"suite {self.name}: n must be >= 1")
+        if int(self.params["seed"]) < 0:
+            raise SuiteError(f"suite {self.name}: seed must be >= 0")
+
+    def splits(self) -> dict[str, str]:
+        return dict(self.KINDS)
+
+    def samples(self) -> list[Sample]:
+        items = detail_items(int(self.params["n"]), int(self.params["seed"]))
+        out = []
+        for split, rows in items.items():
+            for i, (scene, qa, obj) in enumerate(rows):
+                meta = {"image_size": list(scene.image.size)}
+                if obj is not None:
+                    meta["target_box"] = list(obj.bbox)
+                out.append(Sample(f"{split}/{i}", split, qa.question, scene.image, 4, qa.answer, meta))
+        return out
+
+    def judge(self, sample: Sample, answer: str, finish_reason: str = "eos") -> dict:
+        from testbed.studies.evaluate import parse_yes_no
+
+        if sample.split == "existence":
+            pred = parse_yes_no(answer)
+            return {"pred": pred, "stats": {"pred_yes": int(pred == "yes"), "label_yes": int(sample.target == "yes")}}
+        pred = answer.strip().rstrip(".").lower()
+        return {"pred": pred, "stats": {"correct": int(pred == sample.target.lower())}}
