@@ -9,10 +9,11 @@ module, so nothing leaks from one sample to the next. The seam calls it, within 
   redistribution, a per-row head scale, per-row logit coefficients measured at prefill);
 * `output(call, out)`: the attention output [R, Tq, H, D] before o_proj, e.g. VHR's head selection
   and scaling at prefill (it needs both streams' head outputs of that very layer);
-* `keep_rows(n)`: the batch shrank to its first n rows (a second stream was dropped after prefill).
+* `keep_rows(n)`: the batch shrank to its first n rows (prefill-only streams were dropped).
 
-R is the number of rows the model runs: the request's rows, then (where a method asked for one) a
-second stream's rows, row n_main + b pairing with row b.
+R is the number of rows the model runs: the request's rows, then one block of n_main rows per second
+stream (`mitigation.seam.request`), a block's row b pairing with request row b; a method finds its own
+block at `RequestContext.stream_start`.
 """
 
 from __future__ import annotations
