@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from mitigation.methods.registry import Method, Preset, param, register
-from mitigation.seam.request import NOISE_STEPS, Contribution, RequestContext, SecondStream
+from mitigation.seam.request import Contribution, RequestContext, SecondStream
 
 
 def contrast(alpha: float, beta: float):
@@ -86,8 +86,6 @@ class VCD(Method):
     seed: int = param(0, "seed of the Gaussian noise", min=0)
 
     def second_stream(self) -> SecondStream | None:
-        if self.noise_step >= NOISE_STEPS:
-            raise ValueError(f"vcd: noise_step must be below {NOISE_STEPS}")
         if self.alpha == 0:
             return None  # no contrast: only the plausibility cut, which reads the plain logits
         return SecondStream("noise", until="end", read_by_logits=True, noise_step=self.noise_step, noise_seed=self.seed)

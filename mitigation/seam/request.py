@@ -24,11 +24,12 @@ at the first answer step) or of the generation (guidance, VCD: its logits at eve
 request's own tokens). The request's attention edits do not reach these rows (key sets are empty there)
 unless a method edits them on purpose.
 
-Methods asking for the same stream (equal kind and noise step) share one block; different streams get
-a block each (e.g. `vcd+vhr` runs three blocks at prefill, two after it). Blocks that live to the end
-come first, so dropping the prefill-only ones keeps the first rows. Where a block is shared, two logits
-steps reading it would apply the same guidance twice, and a method that edits it cannot be combined with
-one whose logits step reads it: both are rejected with an error naming the two methods.
+Methods asking for the same stream (equal kind, and for noise equal step and seed) share one block;
+different streams get a block each (e.g. `vcd+vhr` runs three blocks at prefill, two after it). Blocks
+that live to the end come first, so dropping the prefill-only ones keeps the first rows. Where a block is
+shared, two logits steps reading it would apply the same guidance twice, and a method that edits it
+cannot be combined with one whose logits step reads it: both are rejected with an error naming the two
+methods.
 """
 
 from __future__ import annotations
@@ -352,6 +353,14 @@ def _row_start(ids: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     return torch.where(last >= 0, last + 1, torch.full_like(last, T))
 
 
+def _check_names(methods: Sequence[Method]) -> None:
+    seen: set[str] = set()
+    for m in methods:
+        if m.name in seen:
+            raise CompositionError(f"{m.name} is given twice; give each method once (with the parameters wanted)")
+        seen.add(m.name)
+
+
 def check_composition(methods: Sequence[Method]) -> tuple[SecondStream, ...]:
     """What can be checked without a model (so front ends refuse before any work): each method given once,
     and second streams that can be shared. Returns the streams' blocks in row order (empty: none needed).
@@ -359,11 +368,7 @@ def check_composition(methods: Sequence[Method]) -> tuple[SecondStream, ...]:
     Raises:
         CompositionError: naming the two methods.
     """
-    seen: set[str] = set()
-    for m in methods:
-        if m.name in seen:
-            raise CompositionError(f"{m.name} is given twice; give each method once (with the parameters wanted)")
-        seen.add(m.name)
+    _check_names(methods)
     return _plan_streams(methods)[0]
 
 
@@ -376,8 +381,8 @@ def prepare(vlm: Any, inputs: Any, methods: Sequence[Method] = (), plan: Plan | 
     """
     t0 = time.perf_counter()
     methods = tuple(methods)
-    check_composition(methods)
-    streams, block = _plan_streams(methods)
+    _check_names(methods)
+    streams, block = _plan_streams(methods)  # the composition check and each method's block, at once
     for m in methods:
         inputs = m.prepare_inputs(vlm, inputs)
     n_main = inputs.batch_size
