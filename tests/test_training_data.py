@@ -190,3 +190,59 @@ def test_command_line_picks_the_recipe(monkeypatch):
     assert seen["r"] == T.Recipe.v1(seed=3) and seen["s"] == 60.0 and seen["out"] == "OUT"
     T._main(["OUT", "align_steps=10"])
     assert seen["r"] == T.replace(T.Recipe(), align_steps=10) and seen["s"] == 600.0
+
+
+def test_answer_balanced_loss_weighs_every_answer_the_same():
+    from testbed.studies.train import answer_balanced_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9, 11)
+    labels = torch.full((2, 9), IGNORE)
+    labels[0, 2:4] = torch.tensor([3, 4])  # a 2-token answer
+    labels[0, 5:9] = torch.tensor([1, 2, 3, 4])  # a 4-token answer in the same conversation
+    labels[1, 1:2] = torch.tensor([7])  # a 1-token answer
+    per_answer = []
+    for row, span in ((0, range(2, 4)), (0, range(5, 9)), (1, range(1, 2))):
+        pos = torch.tensor(list(span))
+        per_answer.append(torch.nn.functional.cross_entropy(logits[row, pos - 1], labels[row, pos]))
+    expected = torch.stack(per_answer).mean()
+    assert torch.allclose(answer_balanced_loss(logits, labels), expected, atol=1e-6)
+    token_mean = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    assert not torch.allclose(token_mean, expected)  # the two losses differ on unequal answers
+
+
+def test_training_continues_from_a_checkpoint_with_the_answer_loss(tmp_path):
+    from safetensors.torch import load_file
+
+    from testbed.studies.train import Recipe, train
+
+    base = Recipe(
+        shape=TINY,
+        vision_steps=2,
+        vision_batch=2,
+        align_steps=2,
+        tune_steps=0,
+        batch=2,
+        warmup=1,
+        threads=1,
+        eval_scenes=0,
+    )
+    train(tmp_path / "a", base)
+    more = Recipe(
+        shape=TINY,
+        vision_steps=0,
+        align_steps=0,
+        tune_steps=2,
+        batch=2,
+        warmup=1,
+        threads=1,
+        eval_scenes=0,
+        loss="answer",
+        init=str(tmp_path / "a"),
+    )
+    record = train(tmp_path / "b", more)
+    assert {e["stage"] for e in record["log"]} == {"tune"}  # stages with no steps are skipped
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    vision = [k for k in a if "vision_tower" in k]
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # it trained
+    assert max((a[k] - b[k]).abs().max().item() for k in vision) < 0.05  # from a's weights, not from scratch

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import LlavaForConditionalGeneration
 
-from testbed.studies.data import Batch, encode_conversation, make_batch
+from testbed.studies.data import IGNORE, Batch, encode_conversation, make_batch
 from testbed.studies.model import TinyLlavaShape, build_config, build_processor, build_tokenizer
 from testbed.world.language import (
     DETAIL_QUESTIONS,
@@ -90,6 +90,8 @@ class Recipe:
     threads: int = 2
     region: float = 0.3  # share of QAs that are region-level (box as text / object at a box)
     vision_position: float = 0.5  # weight of the vision stage's patch row/column targets (0 = off)
+    loss: str = "token"  # "token": mean over answer tokens (LLaVA's); "answer": every answer weighs the same
+    init: str = ""  # an llava-hf directory to start from (its weights; stages with 0 steps are skipped)
     eval_scenes: int = 150  # quick_eval's held-out scenes (0: no quick_eval)
     eval_detail: int = 40  # of which this many are also described in detail (greedy generation)
 
@@ -134,6 +136,21 @@ class Recipe:
         if name not in makers:
             raise ValueError(f"unknown recipe {name!r}; valid: {', '.join(makers)}")
         return makers[name](seed)
+
+
+def answer_balanced_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy where every answer (a maximal run of labelled tokens) weighs the same,
+    whatever its length: a one-word "Yes." counts as much as a 60-token description. The token mean
+    (LLaVA's loss) gives short answers a fifth of the gradient in language v3's mix."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != IGNORE
+    tok = F.cross_entropy(logits.flatten(0, 1), labels.clamp_min(0).flatten(), reduction="none").view(labels.shape)
+    starts = mask & ~F.pad(mask[:, :-1], (1, 0), value=False)  # first token of each answer
+    run_id = torch.cumsum(starts.flatten().long(), 0).view(labels.shape) * mask  # 0 outside answers
+    n_runs = int(run_id.max())
+    lengths = torch.zeros(n_runs + 1).index_add_(0, run_id.flatten(), mask.flatten().float())
+    weight = mask.float() / lengths.clamp_min(1)[run_id]
+    return (tok * weight).sum() / max(1, n_runs)
 
 
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -419,10 +436,18 @@ def train(
     heads = VisionHeads(recipe.shape.vision_hidden, len(CATEGORIES), recipe.shape.grid)
     run: dict = {"rng": np.random.default_rng(recipe.seed), "log": [], "timings": {}, "evals": {}}
 
+    if recipe.loss not in ("token", "answer"):
+        raise ValueError(f"unknown loss {recipe.loss!r}; valid: token, answer")
+    if recipe.init:
+        model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(recipe.init).state_dict())
+
     def lm_loss(b: Batch) -> torch.Tensor:
-        return model(
-            input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values, labels=b.labels
-        ).loss
+        if recipe.loss == "token":
+            return model(
+                input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values, labels=b.labels
+            ).loss
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values).logits
+        return answer_balanced_loss(logits, b.labels)
 
     def text_batch(rng: np.random.Generator) -> Batch:
         return make_batch(
@@ -462,6 +487,8 @@ def train(
     ]
     with _progress() as progress:
         for name, steps, groups, loss_fn, batch_fn, modules in stages:
+            if steps == 0:
+                continue
             ckpt, partial = work / f"{name}.pt", work / f"{name}-partial.pt"
             if ckpt.exists():
                 state = torch.load(ckpt, weights_only=False)
