@@ -298,6 +298,8 @@ def _record(cell: Cell, sample: Sample, reply: dict, batch_len: int) -> dict:
         "finish_reason": reply["finish_reason"],
         "n_tokens": reply["n_tokens"],
         "timings": reply["timings"],
+        **({"extras": reply["extras"]} if reply.get("extras") else {}),
+        **({"crop": crop} if (crop := crop_quality(sample.meta, reply.get("extras"))) else {}),
         "batch_size": batch_len,
         "worker_pid": reply.get("worker_pid"),
         "model": cell.model.name,
@@ -305,6 +307,24 @@ def _record(cell: Cell, sample: Sample, reply: dict, batch_len: int) -> dict:
         "suite": cell.suite.spec,
         "cell": cell.key,
     }
+
+
+def crop_quality(meta: dict, extras: dict | None) -> dict | None:
+    """Where a method kept a region (an extra with a COCO RLE `mask`) and the sample names the object its
+    answer depends on (`meta["target_box"]`): the share of the target's box inside the kept mask, and a hit
+    when at least half of it is."""
+    if not extras or not meta or "target_box" not in meta:
+        return None
+    from pycocotools import mask as mask_utils
+
+    for name, rec in extras.items():
+        if isinstance(rec, dict) and isinstance(rec.get("mask"), dict):
+            m = mask_utils.decode({"size": rec["mask"]["size"], "counts": rec["mask"]["counts"].encode("ascii")})
+            x0, y0, x1, y1 = (int(round(v)) for v in meta["target_box"])
+            region = m[max(0, y0) : max(y0 + 1, y1), max(0, x0) : max(x0 + 1, x1)]
+            cover = float(region.mean()) if region.size else 0.0
+            return {"method": name, "target_coverage": round(cover, 6), "hit": cover >= 0.5}
+    return None
 
 
 class _Progress:

@@ -126,6 +126,14 @@ def compute(plan, runs: list[dict]) -> dict:
             task = f"{cell.suite.spec}/{split}"
             entry = _cell_metrics(kind, M.stack(recs), spec.bootstrap)
             entry["kind"] = kind
+            if crops := [r["crop"] for r in recs if r.get("crop")]:
+                hits = sum(bool(c["hit"]) for c in crops)
+                entry["crop"] = {
+                    "hit_rate": round(hits / len(crops), 6),
+                    "ci95": _r(M.wilson(hits, len(crops))),
+                    "target_coverage": round(sum(c["target_coverage"] for c in crops) / len(crops), 6),
+                    "n": len(crops),
+                }
             results.setdefault(task, {}).setdefault(cell.model.name, {})[cell.label] = entry
             n_samples[task] = len(recs)
     # paired comparisons against the baseline, on the same samples
@@ -252,6 +260,17 @@ def markdown(res: dict, charts: dict[str, str] | None = None) -> str:
                         cells[0] += f" (McNemar p={mc['p']:.3g})"
                     lines.append(f"| `{model}` | `{label}` | " + " | ".join(cells) + " |")
             lines.append("")
+            crops = [(m, lb, e["crop"]) for m, by in by_model.items() for lb, e in by.items() if "crop" in e]
+            if crops:
+                lines += ["Crop quality (the kept region holds at least half of the target's box):", ""]
+                lines += ["| model | method set | hit rate | target coverage | n |", "|---|---|---|---|---|"]
+                for model, label, c in crops:
+                    lo, hi = c["ci95"]
+                    lines.append(
+                        f"| `{model}` | `{label}` | {_fmt(c['hit_rate'])} [{_fmt(lo)}, {_fmt(hi)}] | "
+                        f"{_fmt(c['target_coverage'])} | {c['n']} |"
+                    )
+                lines.append("")
     tp = res.get("throughput") or []
     if tp:
         lines += ["## Throughput", "", "| model | workers | batch size | samples | s | samples/s | start-up s |"]

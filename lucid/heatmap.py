@@ -163,3 +163,56 @@ def save_heatmap(
     finally:
         plt.close(fig)
     return path
+
+
+def views_figure(image: Image.Image, extras: dict, title: str = "", max_side: int = 768):
+    """What the methods made for an answer, side by side: the image, then each extra's `panels()` (a list of
+    (title, kind, value): kind "map" an [H, W] float map in original pixels (NaN: never seen), "mask" an
+    [H, W] bool mask, "image" a PIL image, "box" an (x0, y0, x1, y1) drawn on the image panel)."""
+    panels = [p for v in extras.values() if hasattr(v, "panels") for p in v.panels()]
+    shown = [p for p in panels if p[1] != "box"]
+    small = display_copy(image, max_side)
+    sx, sy = small.size[0] / image.size[0], small.size[1] / image.size[1]
+    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(3.2 * (1 + len(shown)), 3.6), squeeze=False)
+    ax0 = axes[0, 0]
+    ax0.imshow(small)
+    ax0.set_title("image", fontsize=9)
+    for _name, kind, value in panels:
+        if kind == "box" and value is not None:
+            x0, y0, x1, y1 = value
+            ax0.add_patch(
+                Rectangle((x0 * sx, y0 * sy), (x1 - x0) * sx, (y1 - y0) * sy, fill=False, color="lime", lw=1.5)
+            )
+    for ax, (name, kind, value) in zip(axes[0, 1:], shown, strict=True):
+        if kind == "image":
+            ax.imshow(display_copy(value, max_side))
+        else:
+            arr = np.asarray(value, dtype=np.float64 if kind == "map" else np.uint8)
+            step = max(1, int(np.ceil(max(arr.shape) / max_side)))  # subsample a large map for display
+            arr = arr[::step, ::step]
+            if kind == "map":
+                ax.imshow(small.resize((arr.shape[1], arr.shape[0])), alpha=0.35)
+                ax.imshow(np.ma.masked_invalid(arr), cmap="inferno", alpha=0.75)
+            else:
+                ax.imshow(small.resize((arr.shape[1], arr.shape[0])))
+                ax.imshow(np.ma.masked_equal(arr, 1), cmap="gray", vmin=0, vmax=1, alpha=0.8)
+        ax.set_title(name, fontsize=9)
+    for ax in axes[0]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def save_views(path: str | Path, image: Image.Image, extras: dict, title: str = "") -> Path:
+    """Write `views_figure` as a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = views_figure(image, extras, title)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path

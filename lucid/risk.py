@@ -267,7 +267,5 @@ def score_answers(risk: RiskModel, recorder: AttentionRecorder, inputs, gens) ->
         T = inputs.input_ids.shape[1]
         text_rows = [range(max(lay.all_token_positions) + 1, T) for lay in inputs.layouts]
     logprobs = [g.token_logprobs if g.token_ids else (g.eos_logprob or 0.0,) for g in gens]
-    feats = token_features(
-        recorder, risk.layers, n, prompt_rows, logprobs if risk.use_confidence else None, text_rows
-    )
+    feats = token_features(recorder, risk.layers, n, prompt_rows, logprobs if risk.use_confidence else None, text_rows)
     return [tuple(float(v) for v in risk.score(f)) for f in feats]

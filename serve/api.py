@@ -256,7 +256,7 @@ def chat_jobs(req: ChatRequest, cfg: AppConfig, model_id: str) -> tuple[list[Cha
 
 def _choice_extras(res: dict) -> dict:
     out = {k: res[k] for k in ("risk", "timings") if k in res}
-    for k in ("heatmap", "located"):
+    for k in ("heatmap", "located", "views"):
         if k in res:
             out[k] = res[k]
     return out

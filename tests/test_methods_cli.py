@@ -22,7 +22,7 @@ def test_methods_lists_parameters_and_schemas():
         assert any(line.startswith(name) for line in text.stdout.splitlines())
     assert "a number in [0, 1]" in text.stdout and "arXiv:2503.03321" in text.stdout
     schemas = json.loads(lucid("methods", "--json").stdout)
-    assert sorted(schemas) == ["pai", "paint", "var", "vcd", "vhr"]
+    assert sorted(schemas) == ["carve", "magnifier", "pai", "paint", "var", "vcd", "vhr"]
     assert schemas["vhr"]["properties"]["alpha"]["maximum"] == 10.0
 
 
@@ -40,3 +40,18 @@ def test_bad_method_is_one_line_listing_what_is_valid():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0] == "lucid: error: vhr: alpha must be a number in [0, 10], got '99'"
+
+
+def test_ask_with_carve_writes_its_views(tmp_path):
+    out = tmp_path / "views.png"
+    proc = lucid(
+        "ask", str(EXAMPLE), "What color is the circle?", "--method", "carve:preset=paper", "--out", str(out), "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)
+    carve = payload["extras"]["carve"]
+    assert payload["out"] == str(out) and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert carve["attention"] == "contrast" and carve["regions"][0] <= 3  # the paper's "at most K = 3"
+    x0, y0, x1, y1 = carve["box"]
+    w, h = payload["image_size"]
+    assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and carve["mask"]["size"] == [h, w]

@@ -24,13 +24,13 @@ from mitigation.methods.vhr import VHR, vhr_layers
 
 
 def test_registered_names():
-    assert sorted(METHODS) == ["pai", "paint", "var", "vcd", "vhr"]
+    assert sorted(METHODS) == ["carve", "magnifier", "pai", "paint", "var", "vcd", "vhr"]
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(MethodError, match=r"unknown method 'opera'; valid: pai, paint, var, vcd, vhr"):
+    with pytest.raises(MethodError, match=r"unknown method 'opera'; valid: carve, magnifier, pai, paint, var, vcd, vhr"):
         parse_method("opera:alpha=1")
-    with pytest.raises(MethodError, match="valid: pai, paint, var, vcd, vhr"):
+    with pytest.raises(MethodError, match="valid: carve, magnifier, pai, paint, var, vcd, vhr"):
         parse_method({"name": "nope"})
 
 

@@ -153,7 +153,16 @@ def test_openai_client_plain_streaming_and_extensions(server):
     lucid = r.model_extra["lucid"]
     assert lucid["plan"][0]["name"] == "vhr" and lucid["plan"][0]["params"]["alpha"] == 1.5
     assert lucid["located"] and all(len(o["box"]) == 4 for o in lucid["located"])
-    with pytest.raises(BadRequestError, match="valid: pai, paint, var, vcd, vhr"):
+    r = client.chat.completions.create(
+        model="testbed",
+        messages=body("What color is the circle?")["messages"],
+        max_tokens=4,
+        extra_body={"interventions": [{"name": "carve", "params": {"preset": "paper"}}]},
+    )
+    views = r.model_extra["lucid"]["views"]  # what CARVE made: a picture, and its box / mask / regions
+    assert base64.b64decode(views["png"])[:4] == b"\x89PNG" and len(views["carve"]["box"]) == 4
+    assert views["carve"]["mask"]["counts"] and views["carve"]["regions"][0] >= 1
+    with pytest.raises(BadRequestError, match="valid: carve, magnifier, pai, paint, var, vcd, vhr"):
         client.chat.completions.create(model="testbed", messages=msgs, extra_body={"interventions": [{"name": "x"}]})
 
 
@@ -211,7 +220,7 @@ def test_listings_health_and_metrics(http):
     assert http.get("/readyz").json()["ready"] is True
     assert http.get("/v1/models").json()["data"][0]["id"] == "testbed"
     names = [d["name"] for d in http.get("/v1/interventions").json()["data"]]
-    assert names == ["pai", "paint", "var", "vcd", "vhr"]
+    assert names == ["carve", "magnifier", "pai", "paint", "var", "vcd", "vhr"]
     assert "/v1/chat/completions" in http.get("/openapi.json").json()["paths"]
     text = http.get("/metrics").text
     assert 'route="/v1/chat/completions"' in text and 'method="vhr"' in text

@@ -64,6 +64,7 @@ def weights_hash(path: str | os.PathLike, cache_dir: str | os.PathLike | None = 
         pass
     return digest
 
+
 _HEADER_MAX = 100 * 2**20  # safetensors' own bound on the JSON header
 # sizes that must be positive integers where config.json gives them (0 or a string crashes model building)
 _POSITIVE = (

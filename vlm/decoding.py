@@ -105,6 +105,8 @@ def generate(
     if sampling.temperature > 0:
         generators = [torch.Generator(device=dev).manual_seed(sampling.seed) for _ in range(B)]
     request = mitigation.prepare(vlm, inputs, methods, plan)  # methods' preparatory work (timed apart)
+    if request.inputs is not inputs:  # a method rebuilt the rows (e.g. a refined image): check them again
+        check_context(int(request.inputs.attention_mask.sum(-1).max()), sampling.max_new_tokens, vlm.max_positions)
     mask = request.model_kwargs["attention_mask"]
     position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
@@ -174,9 +176,10 @@ def generate(
                 token_ids=tuple(row),
                 finish_reason=reasons[b],
                 timings=timings,
-                layout=inputs.layouts[b],
+                layout=request.inputs.layouts[b],
                 token_logprobs=tuple(logprobs[b][: len(row)]),
                 eos_logprob=logprobs[b][len(row)] if reasons[b] == "eos" else None,
+                extras=request.inputs.extras_of(b),
             )
         )
     return results

@@ -19,7 +19,7 @@ from vlm.layout import (
     pad_geometry,
 )
 from vlm.loader import VLM
-from vlm.types import VLMInputs
+from vlm.types import RowSource, VLMInputs
 
 __all__ = ["ImageError", "ImageLike", "build_inputs", "chat_prompt", "image_geometry", "load_image"]
 
@@ -82,29 +82,35 @@ def tiles_view(vlm: VLM, original_size: tuple[int, int], positions: list[int], t
 Turn = tuple[str, str]  # (role "user" | "assistant", text)
 
 
-def chat_prompt(vlm: VLM, question: str, system: str | None = None, history: tuple[Turn, ...] = ()) -> str:
-    """The checkpoint's chat template applied to a conversation with one image: `history` (earlier user /
-    assistant turns, starting with a user turn, which carries the image) and then `question`, the user
-    turn to answer (which carries the image when there is no history)."""
+def chat_prompt(
+    vlm: VLM, question: str, system: str | None = None, history: tuple[Turn, ...] = (), n_images: int = 1
+) -> str:
+    """The checkpoint's chat template applied to a conversation with `n_images` images (one by default):
+    `history` (earlier user / assistant turns, starting with a user turn, which carries the images) and
+    then `question`, the user turn to answer (which carries the images when there is no history)."""
     messages = []
     if system:
         messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
     turns = [*history, ("user", question)]
     for i, (role, text) in enumerate(turns):
         content = [{"type": "text", "text": text}]
-        messages.append({"role": role, "content": [{"type": "image"}, *content] if i == 0 else content})
+        images = [{"type": "image"}] * n_images if i == 0 else []
+        messages.append({"role": role, "content": [*images, *content]})
     return vlm.processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def build_inputs(
     vlm: VLM,
-    images: list[ImageLike] | ImageLike,
+    images: list[ImageLike | tuple[ImageLike, ...]] | ImageLike,
     questions: list[str] | str,
     system: str | None = None,
     history: tuple[Turn, ...] = (),
 ) -> VLMInputs:
     """Tokenize a batch of (image, question) pairs, left padded, on the model's device. `history`: earlier
     turns of the conversation (shared by the batch; see `chat_prompt`).
+
+    A row's image may be a tuple of images (LLaVA-1.5 only): the prompt then carries them in order, and
+    the row's `ImageLayout` describes the first (the others' tokens follow it; CARVE's `final=both`).
 
     Raises:
         ImageError: an image cannot be read (see `vlm.images`).
@@ -122,9 +128,16 @@ def build_inputs(
         raise ValueError("history: user / assistant turns, starting with a user turn")
     for q in [*questions, *(t for _, t in history)]:
         check_question(q, reserved)
-    pil = [load_image(im) for im in images]
-    texts = [chat_prompt(vlm, q, system, history) for q in questions]
-    enc = vlm.processor(images=pil, text=texts, return_tensors="pt", padding=True)
+    groups = [tuple(im) if isinstance(im, (tuple, list)) else (im,) for im in images]
+    if any(len(g) != 1 for g in groups) and vlm.kind != "llava":
+        raise ValueError(f"several images in one row are supported on LLaVA-1.5 checkpoints, not {vlm.kind}")
+    if any(len(g) == 0 for g in groups):
+        raise ValueError("a row needs at least one image")
+    rows_pil = [tuple(load_image(im) for im in g) for g in groups]
+    pil = [g[0] for g in rows_pil]
+    texts = [chat_prompt(vlm, q, system, history, len(g)) for q, g in zip(questions, rows_pil, strict=True)]
+    flat = [im for g in rows_pil for im in g]
+    enc = vlm.processor(images=flat, text=texts, return_tensors="pt", padding=True)
     ids = enc["input_ids"]
     pix = enc["pixel_values"]
     patch = vlm.model.config.vision_config.patch_size
@@ -138,6 +151,8 @@ def build_inputs(
             h, w = enc["image_sizes"][b].tolist()  # what the model unpads with
             tiles = tiles_view(vlm, (w, h), positions, side)
             positions = positions[: grid[0] * grid[1]]  # the base view's tokens come first
+        elif len(rows_pil[b]) > 1:
+            positions = positions[: grid[0] * grid[1]]  # the first image's tokens come first
         layouts.append(ImageLayout(tuple(positions), grid, patch, image_geometry(vlm, im.size), tiles))
     dev = vlm.device
     return VLMInputs(
@@ -146,4 +161,5 @@ def build_inputs(
         pixel_values=pix.to(dev, vlm.dtype),
         layouts=tuple(layouts),
         image_sizes=enc["image_sizes"].to(dev) if "image_sizes" in enc else None,
+        sources=tuple(RowSource(g, q, system, tuple(history)) for g, q in zip(rows_pil, questions, strict=True)),
     )

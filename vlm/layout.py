@@ -141,17 +141,26 @@ class ImageView:
         x0, y0, x1, y1 = self.cell_box(row, col)
         return ((x0 + x1) / 2, (y0 + y1) / 2)
 
-    def to_original_map(self, grid_values: np.ndarray) -> np.ndarray:
-        """Paint a [rows, cols] grid map onto the original image frame: [H, W] (nearest cell; pixels the
-        processor cropped or padded away get NaN)."""
+    def to_original_map(self, grid_values: np.ndarray, interpolation: str = "nearest") -> np.ndarray:
+        """Paint a [rows, cols] grid map onto the original image frame: [H, W] float64; pixels the processor
+        cropped or padded away get NaN. `interpolation`: "nearest" (each pixel takes its cell's value) or
+        "bilinear" (between cell centres, clamped at the grid's edge: a bilinear resize of the grid, through
+        the processor's true geometry rather than over the whole original image)."""
+        if interpolation not in ("nearest", "bilinear"):
+            raise ValueError(f"interpolation must be 'nearest' or 'bilinear', got {interpolation!r}")
         w, h = self.geometry.original_size
         ys, xs = np.mgrid[0:h, 0:w]
         pxy = self.geometry.to_processed(np.stack([xs + 0.5, ys + 0.5], -1))
-        col = np.floor(pxy[..., 0] / self.patch_size).astype(int)
-        row = np.floor(pxy[..., 1] / self.patch_size).astype(int)
-        ok = (row >= 0) & (row < self.grid[0]) & (col >= 0) & (col < self.grid[1])
+        gx, gy = pxy[..., 0] / self.patch_size, pxy[..., 1] / self.patch_size  # in cells
+        ok = (gy >= 0) & (gy < self.grid[0]) & (gx >= 0) & (gx < self.grid[1])
+        values = np.asarray(grid_values, dtype=np.float64)
         out = np.full((h, w), np.nan, dtype=np.float64)
-        out[ok] = np.asarray(grid_values, dtype=np.float64)[row[ok], col[ok]]
+        if interpolation == "nearest":
+            out[ok] = values[np.floor(gy[ok]).astype(int), np.floor(gx[ok]).astype(int)]
+            return out
+        from scipy.ndimage import map_coordinates
+
+        out[ok] = map_coordinates(values, np.stack([gy[ok] - 0.5, gx[ok] - 0.5]), order=1, mode="nearest")
         return out
 
 

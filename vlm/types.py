@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from PIL import Image
 
 from vlm.contract import check_sampling
 from vlm.layout import ImageLayout
@@ -32,14 +35,41 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class RowSource:
+    """What one row was built from (`build_inputs`), for methods that rebuild a row (a refined image, another
+    instruction): the decoded images (the first is the one the row's `ImageLayout` describes), the user's
+    question as given, and the conversation around it."""
+
+    images: tuple[Image.Image, ...]
+    question: str
+    system: str | None = None
+    history: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0]
+
+
+@dataclass(frozen=True)
 class VLMInputs:
-    """A batch ready for the model (left padded), with one `ImageLayout` per row."""
+    """A batch ready for the model (left padded), with one `ImageLayout` per row.
+
+    `sources` (one per row, from `build_inputs`) say what each row was built from; `extras` (one mapping
+    per row, empty unless a method's `prepare_inputs` adds one) carry what a method made for the row
+    besides the inputs (e.g. CARVE's map, mask and refined image), keyed by method name, to the row's
+    `Generation.extras`.
+    """
 
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T]
-    pixel_values: torch.Tensor  # [B, 3, S, S] (LLaVA) or [B, P, 3, S, S] (LLaVA-NeXT)
+    pixel_values: torch.Tensor  # [B, 3, S, S] (LLaVA) or [B, P, 3, S, S] (LLaVA-NeXT); [images, ...] in row order
     layouts: tuple[ImageLayout, ...]
     image_sizes: torch.Tensor | None = None  # LLaVA-NeXT only: [B, 2] (height, width)
+    sources: tuple[RowSource, ...] = ()
+    extras: tuple[Mapping[str, Any], ...] = ()
+
+    def extras_of(self, row: int) -> Mapping[str, Any]:
+        return self.extras[row] if self.extras else {}
 
     @property
     def batch_size(self) -> int:
@@ -89,3 +119,4 @@ class Generation:
     layout: ImageLayout
     token_logprobs: tuple[float, ...] = ()  # the model's log-probability of each token (before temperature)
     eos_logprob: float | None = None  # the log-probability of the eos token that ended it ("eos" only)
+    extras: Mapping[str, Any] = field(default_factory=dict)  # method name -> what it made for this row

@@ -176,7 +176,10 @@ class TestbedQA(_Testbed):
 def detail_items(n: int, seed: int) -> dict[str, list]:
     """The detail split's questions (`testbed.world.detail`): per scene one present and one absent category
     ("Is there a {colour} {shape} in the image?"), the colour of a shape drawn once, and the count of a shape;
-    each item is (scene, QA, the object the answer depends on or None). Deterministic by seed."""
+    each item is (scene, QA, the object the answer depends on or None, the objects an oracle crop frames).
+    The oracle frames the answer's objects (the target; every instance counted); where the answer rests on
+    no object (an absent category, a count of 0) it frames a distractor drawn from the scene, so the view
+    alone does not tell the answer. Deterministic by seed."""
     import numpy as np
 
     from testbed.world.detail import detail_scenes
@@ -190,18 +193,40 @@ def detail_items(n: int, seed: int) -> dict[str, list]:
         absent = [c for c in CATEGORIES if c not in s.categories(include_occluded=True)]
         cat = present[int(rng.integers(len(present)))]
         target = next(o for o in s.objects if o.category == cat)
-        out["existence"].append((s, QA(existence_question(*cat), "yes", "exist"), target))
+        distractor = s.objects[int(rng.integers(len(s.objects)))]
+        out["existence"].append((s, QA(existence_question(*cat), "yes", "exist"), target, (target,)))
         if absent:
             cat = absent[int(rng.integers(len(absent)))]
-            out["existence"].append((s, QA(existence_question(*cat), "no", "exist"), None))
+            out["existence"].append((s, QA(existence_question(*cat), "no", "exist"), None, (distractor,)))
         unique = [sh for sh in SHAPES if s.count(sh) == 1]
         if unique:
             sh = unique[int(rng.integers(len(unique)))]
             obj = next(o for o in s.objects if o.shape == sh)
-            out["color"].append((s, QA(color_question(sh), obj.color.capitalize(), "color"), obj))
+            out["color"].append((s, QA(color_question(sh), obj.color.capitalize(), "color"), obj, (obj,)))
         sh = SHAPES[int(rng.integers(len(SHAPES)))]
-        out["count"].append((s, QA(count_question(sh), str(s.count(sh)), "count"), None))
+        counted = tuple(o for o in s.objects if o.shape == sh) or (distractor,)
+        out["count"].append((s, QA(count_question(sh), str(s.count(sh)), "count"), None, counted))
     return out
+
+
+def oracle_view(image, objects, margin: float = 1.0):
+    """The oracle crop: the box around `objects` grown by `margin` times the largest object's side on every
+    side (at least 16 px), clipped to the image, upscaled with Lanczos by max(W/w, H/h) as CARVE zooms.
+    Returns (image, box)."""
+    from PIL import Image
+
+    x0 = min(o.bbox[0] for o in objects)
+    y0 = min(o.bbox[1] for o in objects)
+    x1 = max(o.bbox[2] for o in objects)
+    y1 = max(o.bbox[3] for o in objects)
+    side = max(max(o.bbox[2] - o.bbox[0], o.bbox[3] - o.bbox[1]) for o in objects)
+    pad = max(16.0, margin * side)
+    W, H = image.size
+    box = (max(0, int(x0 - pad)), max(0, int(y0 - pad)), min(W, int(x1 + pad) + 1), min(H, int(y1 + pad) + 1))
+    crop = image.crop(box)
+    s = max(W / crop.size[0], H / crop.size[1])
+    size = (max(1, round(crop.size[0] * s)), max(1, round(crop.size[1] * s)))
+    return crop.resize(size, Image.Resampling.LANCZOS), box
 
 
 class TestbedDetail(Suite):
@@ -213,6 +238,7 @@ class TestbedDetail(Suite):
     PARAMS = {
         "n": Param(int, 200, "scenes"),
         "seed": Param(int, 31337, "seed of the scenes (4243: the calibration seed, kept apart)"),
+        "view": Param(str, "full", "full (the scene) or oracle (a crop around the answer's objects: the upper bound)"),
     }
     KINDS = {"existence": "binary", "color": "accuracy", "count": "accuracy"}
 
@@ -221,6 +247,8 @@ class TestbedDetail(Suite):
             raise SuiteError(f"suite {self.name}: n must be >= 1")
         if int(self.params["seed"]) < 0:
             raise SuiteError(f"suite {self.name}: seed must be >= 0")
+        if self.params["view"] not in ("full", "oracle"):
+            raise SuiteError(f"suite {self.name}: view must be full or oracle, got {self.params['view']!r}")
 
     def splits(self) -> dict[str, str]:
         return dict(self.KINDS)
@@ -228,12 +256,17 @@ class TestbedDetail(Suite):
     def samples(self) -> list[Sample]:
         items = detail_items(int(self.params["n"]), int(self.params["seed"]))
         out = []
+        oracle = self.params["view"] == "oracle"
         for split, rows in items.items():
-            for i, (scene, qa, obj) in enumerate(rows):
+            for i, (scene, qa, obj, focus) in enumerate(rows):
                 meta = {"image_size": list(scene.image.size)}
                 if obj is not None:
                     meta["target_box"] = list(obj.bbox)
-                out.append(Sample(f"{split}/{i}", split, qa.question, scene.image, 4, qa.answer, meta))
+                image = scene.image
+                if oracle:
+                    image, box = oracle_view(scene.image, focus)
+                    meta["oracle_box"] = list(box)
+                out.append(Sample(f"{split}/{i}", split, qa.question, image, 4, qa.answer, meta))
         return out
 
     def judge(self, sample: Sample, answer: str, finish_reason: str = "eos") -> dict:

@@ -55,8 +55,11 @@ def measure(spec: str = "testbed", rounds: int = 30, seed: int = 0) -> dict:
         seg.segment(scenes[0].image, prompts)
         return seg.timings["decode"] / n
 
-    whats = {"embed": lambda s, r: embed(s, r), "decode x1 (per prompt)": lambda s, r: decode(s, 1),
-             "decode x8 (per prompt)": lambda s, r: decode(s, 8)}
+    whats = {
+        "embed": lambda s, r: embed(s, r),
+        "decode x1 (per prompt)": lambda s, r: decode(s, 1),
+        "decode x8 (per prompt)": lambda s, r: decode(s, 8),
+    }
     for seg in backends.values():  # warm-up
         for fn in whats.values():
             fn(seg, 0)
@@ -90,8 +93,10 @@ def to_markdown(result: dict, threads: int) -> str:
     ]
     by = {(r["backend"], r["what"]): r["median_ms"] for r in result["rows"]}
     for w, (m, lo, hi) in result["ratios"].items():
-        lines.append(f"| {w} | {by[('segment-anything', w)]:.2f} | {by[('transformers', w)]:.2f} | "
-                     f"{m:.2f} [{lo:.2f}, {hi:.2f}] |")
+        lines.append(
+            f"| {w} | {by[('segment-anything', w)]:.2f} | {by[('transformers', w)]:.2f} | "
+            f"{m:.2f} [{lo:.2f}, {hi:.2f}] |"
+        )
     return "\n".join(lines) + "\n"
 
 

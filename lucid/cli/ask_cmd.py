@@ -37,6 +37,12 @@ def ask(
         bool, typer.Option(help="Lower --max-new-tokens to what fits the model's context instead of failing.")
     ] = False,
     method: Annotated[list[str] | None, typer.Option("--method", help=METHOD_HELP)] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write what the methods made beside the answer as a PNG (CARVE: its map, kept mask and refined image)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of the bare answer.")] = False,
 ) -> None:
     """Answer a question about an image."""
@@ -48,6 +54,7 @@ def ask(
     check_question(question)
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     heatmap = checked_output(heatmap, HEATMAP_SUFFIXES, "heatmap")
+    out = checked_output(out, (".png",), "out")
     if heads not in ("auto", "all"):
         from grounding.heads import parse_heads
 
@@ -92,6 +99,15 @@ def ask(
                 save_heatmap(tmp, pil, result.attention_grid, gen.layout, title=f"Q: {question}\nA: {gen.text}")
         except OutputError as e:
             heat_error = e
+    views = {k: v for k, v in gen.extras.items() if hasattr(v, "panels")}
+    if out is not None and heat_error is None:
+        from lucid.heatmap import save_views
+
+        try:
+            with stdout_to_stderr(), atomic_output(out) as tmp:
+                save_views(tmp, pil, views, title=f"Q: {question}\nA: {gen.text}")
+        except OutputError as e:
+            heat_error = e
     if as_json:
         payload = {
             "answer": gen.text,
@@ -107,6 +123,9 @@ def ask(
             "methods": [m.to_json() for m in methods],
             # hallucination risk (lucid.risk): None when no risk model is fitted for this checkpoint
             "risk": None if result.risk is None else round(result.risk, 4),
+            "out": str(out) if out is not None and heat_error is None else None,
+            # what each method made for the answer (CARVE: box, mask as COCO RLE, regions, steps, cache)
+            "extras": {k: v.to_record() for k, v in gen.extras.items() if hasattr(v, "to_record")},
         }
         if heat_error is not None:
             payload["error"] = {"type": type(heat_error).__name__, "message": str(heat_error)}

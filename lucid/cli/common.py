@@ -8,6 +8,7 @@ exits 2; with `--json`, stdout also gets `{"error": {"type", "message"}}`. A com
 Machine-readable output (`--json`, `--out -`, `testbed eval`) owns stdout: the work runs under
 `stdout_to_stderr()`, so progress and logs go to stderr.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -93,3 +93,22 @@ def edit_rows(edit: AttentionEdit | None, n: int) -> AttentionEdit | None:
         keys=keys,
         redistribute=r,
     )
+
+
+class StopForward(Exception):  # noqa: N818 (a control signal, not an error)
+    """Raised inside a forward to end it early: a capture pass that reads only the first layers stops
+    computing after the last one it reads (`StopAfter`). The caller that asked for it catches it; the
+    scope is left as on any exception, and the half-filled KV cache is dropped with the call."""
+
+
+class StopAfter(Hook):
+    """Ends a prefill after decoder layer `layer` (at the input of the next one) by raising `StopForward`.
+    Decode steps are not stopped (their tokens come from the last layer)."""
+
+    def __init__(self, layer: int) -> None:
+        self.layer = int(layer)
+        self.input_layers = frozenset({self.layer + 1})
+
+    def layer_input(self, layer: int, hidden: torch.Tensor) -> None:
+        if hidden.shape[1] > 1:
+            raise StopForward(f"stopped after layer {self.layer}")

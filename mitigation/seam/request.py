@@ -184,6 +184,7 @@ class Request:
         streams: the second streams, one block of n_main rows each, in row order.
         methods: the methods, in order.
         prepare_s: seconds spent in preparatory work (vision-tower passes, calibration look-ups).
+        inputs: the request's rows after every `prepare_inputs` (their layouts and extras are the answer's).
     """
 
     def __init__(
@@ -198,7 +199,9 @@ class Request:
         streams: tuple[SecondStream, ...] = (),
         methods: tuple[Method, ...] = (),
         prepare_s: float = 0.0,
+        inputs: Any = None,
     ) -> None:
+        self.inputs = inputs
         self.model_kwargs = dict(model_kwargs)
         self.n_main = n_main
         self.rows = int(self.model_kwargs["input_ids"].shape[0])
@@ -359,6 +362,12 @@ def _check_names(methods: Sequence[Method]) -> None:
         if m.name in seen:
             raise CompositionError(f"{m.name} is given twice; give each method once (with the parameters wanted)")
         seen.add(m.name)
+    looking = [m.name for m in methods if getattr(m, "looks_again", False)]
+    if len(looking) > 1:
+        raise CompositionError(
+            f"{looking[0]} and {looking[1]} both choose where to look again from the model's attention and rebuild "
+            "the request around it; use one of them"
+        )
 
 
 def check_composition(methods: Sequence[Method]) -> tuple[SecondStream, ...]:
@@ -420,4 +429,5 @@ def prepare(vlm: Any, inputs: Any, methods: Sequence[Method] = (), plan: Plan | 
         streams,
         methods,
         prepare_s=time.perf_counter() - t0,
+        inputs=inputs,
     )
