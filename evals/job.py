@@ -323,7 +323,12 @@ def crop_quality(meta: dict, extras: dict | None) -> dict | None:
             x0, y0, x1, y1 = (int(round(v)) for v in meta["target_box"])
             region = m[max(0, y0) : max(y0 + 1, y1), max(0, x0) : max(x0 + 1, x1)]
             cover = float(region.mean()) if region.size else 0.0
-            return {"method": name, "target_coverage": round(cover, 6), "hit": cover >= 0.5}
+            return {
+                "method": name,
+                "target_coverage": round(cover, 6),
+                "hit": cover >= 0.5,
+                "kept_fraction": round(float(m.mean()), 6),  # of the image: a crop that keeps everything hits
+            }
     return None
 
 

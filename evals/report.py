@@ -132,6 +132,7 @@ def compute(plan, runs: list[dict]) -> dict:
                     "hit_rate": round(hits / len(crops), 6),
                     "ci95": _r(M.wilson(hits, len(crops))),
                     "target_coverage": round(sum(c["target_coverage"] for c in crops) / len(crops), 6),
+                    "kept_fraction": round(sum(c.get("kept_fraction", 1.0) for c in crops) / len(crops), 6),
                     "n": len(crops),
                 }
             results.setdefault(task, {}).setdefault(cell.model.name, {})[cell.label] = entry
@@ -263,12 +264,13 @@ def markdown(res: dict, charts: dict[str, str] | None = None) -> str:
             crops = [(m, lb, e["crop"]) for m, by in by_model.items() for lb, e in by.items() if "crop" in e]
             if crops:
                 lines += ["Crop quality (the kept region holds at least half of the target's box):", ""]
-                lines += ["| model | method set | hit rate | target coverage | n |", "|---|---|---|---|---|"]
+                lines += ["| model | method set | hit rate | target coverage | image kept | n |"]
+                lines += ["|---|---|---|---|---|---|"]
                 for model, label, c in crops:
                     lo, hi = c["ci95"]
                     lines.append(
                         f"| `{model}` | `{label}` | {_fmt(c['hit_rate'])} [{_fmt(lo)}, {_fmt(hi)}] | "
-                        f"{_fmt(c['target_coverage'])} | {c['n']} |"
+                        f"{_fmt(c['target_coverage'])} | {_fmt(c['kept_fraction'])} | {c['n']} |"
                     )
                 lines.append("")
     tp = res.get("throughput") or []

@@ -171,7 +171,7 @@ def views_figure(image: Image.Image, extras: dict, title: str = "", max_side: in
     [H, W] bool mask, "image" a PIL image, "box" an (x0, y0, x1, y1) drawn on the image panel)."""
     panels = [p for v in extras.values() if hasattr(v, "panels") for p in v.panels()]
     shown = [p for p in panels if p[1] != "box"]
-    small = display_copy(image, max_side)
+    small, _ = display_copy(image, max_side)
     sx, sy = small.size[0] / image.size[0], small.size[1] / image.size[1]
     fig, axes = plt.subplots(1, 1 + len(shown), figsize=(3.2 * (1 + len(shown)), 3.6), squeeze=False)
     ax0 = axes[0, 0]
@@ -185,7 +185,7 @@ def views_figure(image: Image.Image, extras: dict, title: str = "", max_side: in
             )
     for ax, (name, kind, value) in zip(axes[0, 1:], shown, strict=True):
         if kind == "image":
-            ax.imshow(display_copy(value, max_side))
+            ax.imshow(display_copy(value, max_side)[0])
         else:
             arr = np.asarray(value, dtype=np.float64 if kind == "map" else np.uint8)
             step = max(1, int(np.ceil(max(arr.shape) / max_side)))  # subsample a large map for display

@@ -43,4 +43,12 @@ $LUCID eval --model "$MODEL" --workers 0 --batch-size 16 \
   --method vhr --method var --method var:preset=paper --method vcd --method vcd:preset=paper \
   --out "$OUT/eval-presets"
 
+step "look closer: CARVE and the magnifier on testbed-detail (full and oracle view) and what they cost on POPE (docs/methods.md)"
+$LUCID eval --model "$MODEL" --workers 0 --batch-size 16 \
+  --suite "testbed-detail:n=$NTABLE" --suite "testbed-detail:n=$NTABLE,view=oracle" --suite "testbed-pope:n=$NTABLE" \
+  --method carve --method carve:suffix=false --method carve:preset=paper --method carve:preset=paper,attention=heads \
+  --method carve:attention=heads,suffix=false --method magnifier --method magnifier:preset=paper \
+  --method magnifier:tokens=image --method magnifier:region=component \
+  --method magnifier:region=component,tokens=image --out "$OUT/look-closer"
+
 step "done: $OUT"

@@ -271,3 +271,34 @@ def test_refuses_rows_without_sources_and_llava_next(testbed_vlm):
     inputs = replace(build_inputs(vlm, [_scene()], ["What color is the circle?"]), sources=())
     with pytest.raises(MethodError, match="source images"):
         generate(vlm, inputs, SamplingParams(max_new_tokens=2), methods=parse_methods(["carve"]))
+
+
+def test_crop_quality_of_a_record_by_hand():
+    from pycocotools import mask as mask_utils
+
+    from evals.job import crop_quality
+
+    m = np.zeros((40, 60), dtype=np.uint8)
+    m[10:20, 10:30] = 1
+    rle = mask_utils.encode(np.asfortranarray(m))
+    extras = {"carve": {"mask": {"size": [40, 60], "counts": rle["counts"].decode("ascii")}}}
+    got = crop_quality({"target_box": [20, 10, 40, 20]}, extras)  # half of the target inside the mask
+    assert got == {"method": "carve", "target_coverage": 0.5, "hit": True, "kept_fraction": round(200 / 2400, 6)}
+    assert crop_quality({"target_box": [40, 20, 60, 40]}, extras)["hit"] is False
+    assert crop_quality({}, extras) is None and crop_quality({"target_box": [0, 0, 1, 1]}, None) is None
+
+
+def test_oracle_view_frames_the_answers_objects():
+    from evals.suites import build
+
+    full = build("testbed-detail:n=3").samples()
+    oracle = build("testbed-detail:n=3,view=oracle").samples()
+    assert [s.id for s in full] == [s.id for s in oracle] and [s.target for s in full] == [s.target for s in oracle]
+    for f, o in zip(full, oracle):
+        x0, y0, x1, y1 = o.meta["oracle_box"]
+        assert o.image.size[0] >= f.image.size[0] or o.image.size[1] >= f.image.size[1]  # zoomed to the original size
+        if "target_box" in f.meta:
+            tx0, ty0, tx1, ty1 = f.meta["target_box"]
+            assert x0 <= tx0 and y0 <= ty0 and tx1 <= x1 and ty1 <= y1  # the target is inside the crop
+            ox0, oy0, ox1, oy1 = o.meta["target_box"]
+            assert 0 <= ox0 < ox1 <= o.image.size[0] + 1 and 0 <= oy0 < oy1 <= o.image.size[1] + 1

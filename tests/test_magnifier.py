@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mitigation.methods import parse_method, parse_methods
-from mitigation.methods.magnifier import _DenseKeys, cells_box, magnifier_layer, select_cells
+from mitigation.methods.magnifier import _DenseKeys, cells_box, magnifier_layer, select_cells, strongest_component
 from mitigation.seam.hooks import AttentionCall
 from mitigation.seam.request import CompositionError
 from testbed.world.detail import detail_scene
@@ -25,6 +25,18 @@ def test_selection_by_hand():
     assert select_cells(rows, 96.0).tolist() == [True, False, False, True]
     assert select_cells(rows[:1], 20.0).tolist() == [False, True, True, True]
     assert not select_cells(rows, 255.0).any()
+
+
+def test_strongest_component_by_hand():
+    cells = np.zeros((4, 5), dtype=bool)
+    cells[0, 0] = cells[0, 1] = True  # a group of two, score 2
+    cells[3, 4] = True  # a single cell, score 5
+    cells[2, 2] = True  # diagonal to nothing: its own group, score 1
+    score = np.ones((4, 5))
+    score[3, 4] = 5.0
+    assert np.array_equal(np.argwhere(strongest_component(cells, score)), [[3, 4]])
+    score[3, 4] = 1.5
+    assert np.array_equal(np.argwhere(strongest_component(cells, score)), [[0, 0], [0, 1]])
 
 
 def test_crop_box_covers_the_selected_cells_in_original_pixels():

@@ -28,7 +28,9 @@ def test_registered_names():
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(MethodError, match=r"unknown method 'opera'; valid: carve, magnifier, pai, paint, var, vcd, vhr"):
+    with pytest.raises(
+        MethodError, match=r"unknown method 'opera'; valid: carve, magnifier, pai, paint, var, vcd, vhr"
+    ):
         parse_method("opera:alpha=1")
     with pytest.raises(MethodError, match="valid: carve, magnifier, pai, paint, var, vcd, vhr"):
         parse_method({"name": "nope"})

@@ -266,6 +266,11 @@ class TestbedDetail(Suite):
                 if oracle:
                     image, box = oracle_view(scene.image, focus)
                     meta["oracle_box"] = list(box)
+                    if obj is not None:  # the target in the oracle view's pixels (crop quality is measured there)
+                        s = image.size[0] / (box[2] - box[0])
+                        x0, y0, x1, y1 = obj.bbox
+                        ox, oy = box[0], box[1]
+                        meta["target_box"] = [(x0 - ox) * s, (y0 - oy) * s, (x1 - ox) * s, (y1 - oy) * s]
                 out.append(Sample(f"{split}/{i}", split, qa.question, image, 4, qa.answer, meta))
         return out
 

@@ -51,7 +51,10 @@ METHOD_SPECS = {
     "method:vcd+vhr": "vcd+vhr",
     "method:carve:first": "carve:cache=false",  # a first question about an image: both capture passes
     "method:carve": "carve",  # a repeated image: the general pass's rows come from the cache
+    "method:carve:steps=first": "carve:steps=first,cache=false",  # the first-step variant: prefill to layer 25
     "method:carve+vhr": "carve+vhr",
+    "method:magnifier": "magnifier",
+    "method:magnifier:tokens=image": "magnifier:tokens=image",
 }
 PATHS = BASE_PATHS + tuple(METHOD_SPECS)
 

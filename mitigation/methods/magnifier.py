@@ -55,6 +55,18 @@ def select_cells(rows: torch.Tensor, threshold: float) -> torch.Tensor:
     return (scaled > threshold).any(0)
 
 
+def strongest_component(cells: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Lucid's `region=component`: of the selected [rows, cols] cells, the 4-connected group with the largest
+    summed `score` (so scattered selections give one zoomable region, not a box around all of them)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(cells)
+    if n <= 1:
+        return cells
+    sums = ndimage.sum(score, labels, index=np.arange(1, n + 1))
+    return labels == int(np.argmax(sums)) + 1
+
+
 def cells_box(layout: Any, cells: np.ndarray) -> tuple[int, int, int, int]:
     """The box (x0, y0, x1, y1) in ORIGINAL pixels covering the selected [rows, cols] cells, clipped."""
     r, c = np.nonzero(cells)
@@ -264,6 +276,10 @@ class Magnifier(Method):
         "keys", "how the dense tokens enter: keys (extra keys / values, LSceneLLM's way) or image (a second image)",
         choices=("keys", "image"),
     )  # fmt: skip
+    region: str = param(
+        "box", "the crop: box (of every selected cell) or component (Lucid's: the strongest 4-connected group)",
+        choices=("box", "component"),
+    )  # fmt: skip
 
     def _layer(self, n_layers: int) -> int:
         layer = magnifier_layer(n_layers) if self.layer is None else self.layer
@@ -310,7 +326,10 @@ class Magnifier(Method):
         for b, (layout, src) in enumerate(zip(inputs.layouts, inputs.sources, strict=True)):
             start = max(layout.token_positions) + 1 if self.rows == "instruction" else T - 1
             n = layout.n_tokens
-            cells = select_cells(att[b, start:T, :n], self.threshold).reshape(layout.grid).cpu().numpy()
+            rows = att[b, start:T, :n]
+            cells = select_cells(rows, self.threshold).reshape(layout.grid).cpu().numpy()
+            if self.region == "component" and cells.any():
+                cells = strongest_component(cells, rows.mean(0).reshape(layout.grid).cpu().numpy())
             if not cells.any():
                 views.append(MagnifierView(cells, None, None, self.tokens, 0))
                 continue

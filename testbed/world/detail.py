@@ -2,9 +2,10 @@
 
 CARVE's and the scene magnifier's gains are on V* and TextVQA: small objects in large images. Here a
 scene is drawn on a canvas of 384-1024 px per side (drawn per scene from its seed), its objects are 4-7 %
-of the shorter side, with 3-6 objects and clutter on most scenes, so at the embedded model's 128 px input
-(patch 8) an object covers about one patch: its colour and shape are barely resolved unless the model
-looks again at a crop. The co-occurrence prior is that of the evaluation distribution (`WorldConfig()`).
+of the shorter side, with 3-6 objects and clutter on most scenes, so at the embedded model's 96 px
+input (12 x 12 patches of 8 px) an object covers at most one patch: its colour and shape are barely
+resolved unless the model looks again at a crop. The co-occurrence prior is that of the evaluation
+distribution (`WorldConfig()`).
 
 Pure: everything is a function of (seed, index). Nothing trains on this split; methods are calibrated on a
 separate seed (`CALIBRATION_SEED`) and measured on `EVAL_SEED`.
