@@ -43,6 +43,11 @@ $LUCID eval --model "$MODEL" --workers 0 --batch-size 16 \
   --method vhr --method var --method var:preset=paper --method vcd --method vcd:preset=paper \
   --out "$OUT/eval-presets"
 
+step "VCD against both baselines: the same suites decoded by sampling at temperature 1 (docs/methods.md; greedy: eval-presets)"
+$LUCID eval --model "$MODEL" --workers 0 --batch-size 16 --temperature 1 \
+  --suite "testbed-pope:n=$NTABLE" --suite "testbed-chair:n=$NTABLE" --method vcd --method vcd:preset=paper \
+  --out "$OUT/vcd-sampling"
+
 step "look closer: CARVE and the magnifier on testbed-detail (full and oracle view) and what they cost on POPE (docs/methods.md)"
 $LUCID eval --model "$MODEL" --workers 0 --batch-size 16 \
   --suite "testbed-detail:n=$NTABLE" --suite "testbed-detail:n=$NTABLE,view=oracle" --suite "testbed-pope:n=$NTABLE" \
