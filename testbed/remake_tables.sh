@@ -51,6 +51,7 @@ $LUCID eval --model "$MODEL" --workers 0 --batch-size 16 --temperature 1 \
 step "look closer: CARVE and the magnifier on testbed-detail (full and oracle view) and what they cost on POPE (docs/methods.md)"
 $LUCID eval --model "$MODEL" --workers 0 --batch-size 16 \
   --suite "testbed-detail:n=$NTABLE" --suite "testbed-detail:n=$NTABLE,view=oracle" --suite "testbed-pope:n=$NTABLE" \
+  --suite "testbed-chair:n=$NTABLE" \
   --method carve --method carve:suffix=false --method carve:preset=paper --method carve:preset=paper,attention=heads \
   --method carve:attention=heads,suffix=false --method magnifier --method magnifier:preset=paper \
   --method magnifier:tokens=image --method magnifier:region=component \
