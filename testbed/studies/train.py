@@ -18,6 +18,12 @@ it was, bit for bit as if it had not been interrupted):
    detailed descriptions (`testbed.world.language`).
 3. **tune**: everything trainable, the vision tower at a lower learning rate.
 
+The loss is on answer tokens only: `loss=token` (the default) averages over the batch's answer tokens, so a
+60-token description outweighs a one-word answer 60 to 1; `loss=answer` (`answer_balanced_loss`) gives every
+maximal run of answer tokens the same weight (how the v3 checkpoint's short answers were recovered).
+`init=DIR` starts from an llava-hf directory's weights instead of from scratch; stages with 0 steps are
+skipped (`init=DIR vision_steps=0 align_steps=0 tune_steps=N`: a continuation).
+
 Recipes (`Recipe.named`): **v3** (the default): 128 px / patch 8 = 16x16 = 256 image tokens, language v3,
 region data 0.3, position targets 0.5, vision 800 / align 1700 / tune 700 steps (batches 48 / 32 / 32);
 measured 1.20 / 2.66 / 2.73 s per step with 2 threads on the 2-core machine when nothing else runs (96 px:
