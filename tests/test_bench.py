@@ -2,6 +2,8 @@
 process, and writes a well-formed table with ratios and intervals. (No timing asserts: speed is reported,
 not tested.)"""
 
+import pytest
+
 from lucid.bench.methods import PATHS, BenchModel, render_markdown, run_bench, summarise
 from lucid.bench.stats import bootstrap_median
 
@@ -23,7 +25,7 @@ def test_bench_quick_writes_all_paths(tmp_path):
 
 def test_summary_pairs_rounds_and_reports_missing_paths():
     raw = {
-        "model": "m", "device": "cpu", "dtype": "float32", "peak_mib": {},
+        "model": "m", "device": "cpu", "dtype": "float32", "peak_mib": {}, "steps": 4,
         "prefill": {p: [10.0, 20.0, 10.0] for p in PATHS},
         "decode": {p: [1.0, 2.0, 1.0] for p in PATHS},
         "errors": {"method:var": "ValueError: no sinks"},
@@ -33,8 +35,11 @@ def test_summary_pairs_rounds_and_reports_missing_paths():
     rec = next(r for r in rows if r["path"] == "lucid-record")
     assert rec["decode_ratio"] == (1.5, 1.5, 1.5) and rec["decode_ms"] == 1.5e3 and rec["peak_mib"] == 5.0
     text = render_markdown(rows, [BenchModel("m", steps=4, reps=3)], quick=True)
-    assert "| lucid-record | 10000.0 | 1.00 [1.00, 1.00] | 1500.00 | 1.50 [1.50, 1.50] | 5 |" in text
-    assert "| method:var | - | - | - | - | not run: ValueError: no sinks |" in text
+    # the whole answer: (prefill + 4 steps) over sdpa's, per round: (10 + 4 * 1.5) / (10 + 4 * 1) = 8 / 7
+    assert rec["answer_ratio"][0] == pytest.approx(8 / 7)
+    row = "| lucid-record | 10000.0 | 1.00 [1.00, 1.00] | 1500.00 | 1.50 [1.50, 1.50] | 1.14 [1.14, 1.14] | 5 |"
+    assert row in text
+    assert "| method:var | - | - | - | - | - | not run: ValueError: no sinks |" in text
 
 
 def test_bootstrap_interval_contains_the_median():
