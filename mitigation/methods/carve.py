@@ -6,7 +6,8 @@ The pipeline (`Carve.prepare_inputs`, before the request's own prefill):
 1. **capture**: a question pass and a general-instruction pass ("Write a general description of the
    image.") are decoded greedily with the KV cache; the recorder keeps, at the chosen layers, only the
    head-averaged image-attention row of the position that predicts the next token (never a full matrix).
-   Both passes run as one batch; the general pass depends on the image only, so its rows are cached per
+   Each pass is one batch over the request's rows (the general rows: one per distinct image, without the
+   conversation); the general pass depends on the image only, so its rows are cached per
    (checkpoint, image) and a second question about an image pays for the question pass alone. With
    `steps=first` only the prefill is read and it stops after the last layer read (`StopAfter`).
 2. **contrast and fuse** (`contrast_fuse`): A_Q / (A_G + lambda) per layer and step, summed over layers,
