@@ -315,11 +315,11 @@ def crop_quality(meta: dict, extras: dict | None) -> dict | None:
     when at least half of it is."""
     if not extras or not meta or "target_box" not in meta:
         return None
-    from pycocotools import mask as mask_utils
+    from grounding.segment import decode_rle
 
     for name, rec in extras.items():
         if isinstance(rec, dict) and isinstance(rec.get("mask"), dict):
-            m = mask_utils.decode({"size": rec["mask"]["size"], "counts": rec["mask"]["counts"].encode("ascii")})
+            m = decode_rle(rec["mask"])
             x0, y0, x1, y1 = (int(round(v)) for v in meta["target_box"])
             region = m[max(0, y0) : max(y0 + 1, y1), max(0, x0) : max(x0 + 1, x1)]
             cover = float(region.mean()) if region.size else 0.0

@@ -92,15 +92,10 @@ def generate_task(worker: Worker, payload: dict) -> list[dict]:
             "n_tokens": len(g.token_ids),
             "timings": {**g.timings.to_dict(), "batch_s": round(batch_s, 6)},
             "worker_pid": os.getpid(),
-            **({"extras": extras} if (extras := _extras(g)) else {}),
+            **({"extras": extras} if (extras := g.extra_records()) else {}),
         }
         for g in gens
     ]
-
-
-def _extras(gen) -> dict:
-    """What the row's methods made for it, as JSON (those that can say: `to_record()`)."""
-    return {name: v.to_record() for name, v in gen.extras.items() if hasattr(v, "to_record")}
 
 
 def _no_methods(payload: dict) -> None:

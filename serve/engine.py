@@ -216,8 +216,8 @@ class Engine:
                 res["attention_heads"] = None if ans.attention_heads is None else [list(h) for h in ans.attention_heads]
             if job.locate:
                 res["located"] = [_location_json(loc, ans.locate_s) for loc in ans.located]
-            if views := {k: v for k, v in gen.extras.items() if hasattr(v, "to_record")}:
-                res["_views"] = views
+            if any(hasattr(v, "to_record") for v in gen.extras.values()):
+                res["_views"] = gen
             results.append(res)
         for job, res in zip(jobs, results):  # drawing needs no model: outside the lock
             grid, lay = res.pop("_grid", None), res.pop("_layout", None)
@@ -236,14 +236,14 @@ class Engine:
                     "heads": res.pop("attention_heads", None),
                 }
                 res["timings"]["heatmap_s"] = round(time.perf_counter() - t, 6)
-            if views := res.pop("_views", None):  # what the methods made (CARVE: map, mask, refined image)
+            if gen := res.pop("_views", None):  # what the methods made (CARVE: map, mask, refined image)
                 from PIL import Image
 
                 from lucid.heatmap import views_figure
 
                 with self.draw_lock:
-                    png = _png(views_figure(Image.fromarray(job.image), views, max_side=384))
-                res["views"] = {"png": png, **{k: v.to_record() for k, v in views.items()}}
+                    png = _png(views_figure(Image.fromarray(job.image), gen.extras, max_side=384))
+                res["views"] = {"png": png, **gen.extra_records()}
         return results
 
     # ------------------------------------------------------------------ locate

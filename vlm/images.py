@@ -205,6 +205,14 @@ def to_rgb(im: Image.Image, name: str = "the image", background: tuple[int, int,
     raise ImageError(f"{name}: unsupported pixel mode {mode!r}; convert it to RGB first")
 
 
+def zoom_to_cover(crop: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`crop` upscaled with Lanczos by max(W/w, H/h), so it covers `size` (W, H) with its aspect kept (one
+    side may exceed it): how CARVE zooms a crop, and the testbed-detail oracle view with it."""
+    (W, H), (w, h) = size, crop.size
+    s = max(W / w, H / h)
+    return crop.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
+
+
 def display_copy(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> tuple[Image.Image, float]:
     """A copy of `image` whose longer side is at most `max_side`, for display work (heatmaps, overlays).
 

@@ -120,3 +120,7 @@ class Generation:
     token_logprobs: tuple[float, ...] = ()  # the model's log-probability of each token (before temperature)
     eos_logprob: float | None = None  # the log-probability of the eos token that ended it ("eos" only)
     extras: Mapping[str, Any] = field(default_factory=dict)  # method name -> what it made for this row
+
+    def extra_records(self) -> dict[str, Any]:
+        """The extras as JSON, those that can say (`to_record()`): what CLI, service and eval records carry."""
+        return {name: v.to_record() for name, v in self.extras.items() if hasattr(v, "to_record")}

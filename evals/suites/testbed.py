@@ -213,7 +213,7 @@ def oracle_view(image, objects, margin: float = 1.0):
     """The oracle crop: the box around `objects` grown by `margin` times the largest object's side on every
     side (at least 16 px), clipped to the image, upscaled with Lanczos by max(W/w, H/h) as CARVE zooms.
     Returns (image, box)."""
-    from PIL import Image
+    from vlm.images import zoom_to_cover
 
     x0 = min(o.bbox[0] for o in objects)
     y0 = min(o.bbox[1] for o in objects)
@@ -223,10 +223,7 @@ def oracle_view(image, objects, margin: float = 1.0):
     pad = max(16.0, margin * side)
     W, H = image.size
     box = (max(0, int(x0 - pad)), max(0, int(y0 - pad)), min(W, int(x1 + pad) + 1), min(H, int(y1 + pad) + 1))
-    crop = image.crop(box)
-    s = max(W / crop.size[0], H / crop.size[1])
-    size = (max(1, round(crop.size[0] * s)), max(1, round(crop.size[1] * s)))
-    return crop.resize(size, Image.Resampling.LANCZOS), box
+    return zoom_to_cover(image.crop(box), (W, H)), box
 
 
 class TestbedDetail(Suite):

@@ -99,13 +99,12 @@ def ask(
                 save_heatmap(tmp, pil, result.attention_grid, gen.layout, title=f"Q: {question}\nA: {gen.text}")
         except OutputError as e:
             heat_error = e
-    views = {k: v for k, v in gen.extras.items() if hasattr(v, "panels")}
     if out is not None and heat_error is None:
         from lucid.heatmap import save_views
 
         try:
             with stdout_to_stderr(), atomic_output(out) as tmp:
-                save_views(tmp, pil, views, title=f"Q: {question}\nA: {gen.text}")
+                save_views(tmp, pil, gen.extras, title=f"Q: {question}\nA: {gen.text}")
         except OutputError as e:
             heat_error = e
     if as_json:
@@ -125,7 +124,7 @@ def ask(
             "risk": None if result.risk is None else round(result.risk, 4),
             "out": str(out) if out is not None and heat_error is None else None,
             # what each method made for the answer (CARVE: box, mask as COCO RLE, regions, steps, cache)
-            "extras": {k: v.to_record() for k, v in gen.extras.items() if hasattr(v, "to_record")},
+            "extras": gen.extra_records(),
         }
         if heat_error is not None:
             payload["error"] = {"type": type(heat_error).__name__, "message": str(heat_error)}

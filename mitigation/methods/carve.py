@@ -43,6 +43,7 @@ from mitigation.methods.registry import Method, MethodError, Preset, param, regi
 from mitigation.seam.hooks import StopAfter, StopForward
 from mitigation.seam.recorder import AttentionRecorder
 from mitigation.seam.request import Contribution, RequestContext
+from vlm.images import zoom_to_cover
 
 GENERAL_INSTRUCTION = "Write a general description of the image."
 ANSWER_SUFFIX = "Answer the question using a single word or phrase."
@@ -116,12 +117,7 @@ def refine_image(image: Image.Image, mask: np.ndarray) -> tuple[Image.Image, tup
     x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
     arr = np.asarray(image.convert("RGB")).copy()
     arr[~mask] = 0
-    crop = Image.fromarray(arr[y0:y1, x0:x1])
-    W, H = image.size
-    w, h = crop.size
-    s = max(W / w, H / h)
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    return crop.resize(size, Image.Resampling.LANCZOS), (x0, y0, x1, y1)
+    return zoom_to_cover(Image.fromarray(arr[y0:y1, x0:x1]), image.size), (x0, y0, x1, y1)
 
 
 def image_key(image: Image.Image) -> str:
@@ -198,12 +194,11 @@ class CarveView:
 
     def to_record(self) -> dict[str, Any]:
         """JSON-able summary, with the mask as COCO RLE (for crop-quality measures)."""
-        from pycocotools import mask as mask_utils
+        from grounding.segment import encode_rle
 
-        rle = mask_utils.encode(np.asfortranarray(self.mask.astype(np.uint8)))
         return {
             "box": list(self.box) if self.box is not None else None,
-            "mask": {"size": [int(x) for x in rle["size"]], "counts": rle["counts"].decode("ascii")},
+            "mask": encode_rle(self.mask),
             "kept_fraction": round(float(self.mask.mean()), 6),
             "regions": list(self.regions),
             "steps": list(self.steps),

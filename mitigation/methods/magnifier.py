@@ -92,6 +92,7 @@ class MagnifierView:
         crop: the cropped full-resolution region the dense tokens come from (None with no selection).
         tokens: "image" or "keys".
         n_dense: dense tokens added.
+        image_size: (width, height) of the original image (the frame of `box` and `mask`).
     """
 
     cells: np.ndarray
@@ -99,8 +100,12 @@ class MagnifierView:
     crop: Image.Image | None
     tokens: str
     n_dense: int
+    image_size: tuple[int, int]
 
-    def mask(self, size: tuple[int, int]) -> np.ndarray:
+    @property
+    def mask(self) -> np.ndarray:
+        """[H, W] bool: the crop box in the original image (what crop-quality measures read)."""
+        size = self.image_size
         m = np.zeros((size[1], size[0]), dtype=bool)
         if self.box is not None:
             x0, y0, x1, y1 = self.box
@@ -114,37 +119,18 @@ class MagnifierView:
             out.append((f"dense view ({self.tokens})", "image", self.crop))
         return out
 
-    def to_record(self, size: tuple[int, int] | None = None) -> dict[str, Any]:
-        rec: dict[str, Any] = {
+    def to_record(self) -> dict[str, Any]:
+        """JSON-able summary, with the crop box as a COCO RLE mask (for crop-quality measures)."""
+        from grounding.segment import encode_rle
+
+        return {
             "box": list(self.box) if self.box is not None else None,
+            "mask": encode_rle(self.mask),
             "selected": int(self.cells.sum()),
             "cells": int(self.cells.size),
             "tokens": self.tokens,
             "n_dense": self.n_dense,
         }
-        if size is not None:
-            from pycocotools import mask as mask_utils
-
-            rle = mask_utils.encode(np.asfortranarray(self.mask(size).astype(np.uint8)))
-            rec["mask"] = {"size": [int(x) for x in rle["size"]], "counts": rle["counts"].decode("ascii")}
-        return rec
-
-
-@dataclass(frozen=True)
-class _Recordable:
-    """A view bound to its image size, so `to_record()` carries the crop as a mask (crop-quality measures)."""
-
-    view: MagnifierView
-    size: tuple[int, int]
-
-    def panels(self) -> list[tuple[str, str, Any]]:
-        return self.view.panels()
-
-    def to_record(self) -> dict[str, Any]:
-        return self.view.to_record(self.size)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.view, name)
 
 
 class _Select:
@@ -299,10 +285,7 @@ class Magnifier(Method):
             raise MethodError(f"magnifier: supported on LLaVA-1.5 checkpoints (a single image view), not {vlm.kind}")
         layer = self._layer(vlm.n_layers)
         views = self._select(vlm, inputs, layer)
-        extras = tuple(
-            {**inputs.extras_of(b), self.name: _Recordable(v, src.image.size)}
-            for b, (v, src) in enumerate(zip(views, inputs.sources, strict=True))
-        )
+        extras = tuple({**inputs.extras_of(b), self.name: v} for b, v in enumerate(views))
         if self.tokens == "keys":
             return replace(inputs, extras=extras)
         images = [(src.image, v.crop) if v.crop is not None else src.image for v, src in zip(views, inputs.sources)]
@@ -331,11 +314,11 @@ class Magnifier(Method):
             if self.region == "component" and cells.any():
                 cells = strongest_component(cells, rows.mean(0).reshape(layout.grid).cpu().numpy())
             if not cells.any():
-                views.append(MagnifierView(cells, None, None, self.tokens, 0))
+                views.append(MagnifierView(cells, None, None, self.tokens, 0, src.image.size))
                 continue
             box = cells_box(layout, cells)
             crop = src.image.crop(box)
-            views.append(MagnifierView(cells, box, crop, self.tokens, n))
+            views.append(MagnifierView(cells, box, crop, self.tokens, n, src.image.size))
         return views
 
     def contribute(self, ctx: RequestContext) -> Contribution:
