@@ -302,3 +302,11 @@ def test_oracle_view_frames_the_answers_objects():
             assert x0 <= tx0 and y0 <= ty0 and tx1 <= x1 and ty1 <= y1  # the target is inside the crop
             ox0, oy0, ox1, oy1 = o.meta["target_box"]
             assert 0 <= ox0 < ox1 <= o.image.size[0] + 1 and 0 <= oy0 < oy1 <= o.image.size[1] + 1
+
+
+def test_detail_view_must_be_full_or_oracle():
+    from evals.suites import build
+    from evals.suites.base import SuiteError
+
+    with pytest.raises(SuiteError, match="view must be full or oracle, got 'zoom'"):
+        build("testbed-detail:n=2,view=zoom")

@@ -55,3 +55,12 @@ def test_ask_with_carve_writes_its_views(tmp_path):
     x0, y0, x1, y1 = carve["box"]
     w, h = payload["image_size"]
     assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and carve["mask"]["size"] == [h, w]
+
+
+def test_ask_out_must_be_a_png_and_is_checked_before_any_work(tmp_path):
+    proc = lucid(
+        "ask", str(EXAMPLE), "What color is the circle?", "--method", "carve", "--out", str(tmp_path / "v.jpg")
+    )
+    assert proc.returncode == 2 and not (tmp_path / "v.jpg").exists()
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lucid: error: ") and ".png" in lines[0]
