@@ -118,10 +118,14 @@ def generate(
     with mitigation.scope(recorder=recorder, request=request, n_heads=vlm.n_heads, n_layers=vlm.n_layers) as active:
         _sync(dev)
         t0 = time.perf_counter()
-        out = model(
-            **request.model_kwargs, position_ids=position_ids, **{cache_kw: cache}, use_cache=True, logits_to_keep=1
-        )
-        logits = request.logits(out.logits[:, -1])  # [B, V]: the request's rows after any logits step
+        if request.prefill is not None:  # a method's own layer loop (e.g. DyVTE's exit)
+            last = request.prefill(request.model_kwargs, position_ids, cache)
+        else:
+            out = model(
+                **request.model_kwargs, position_ids=position_ids, **{cache_kw: cache}, use_cache=True, logits_to_keep=1
+            )
+            last = out.logits[:, -1]
+        logits = request.logits(last)  # [B, V]: the request's rows after any logits step
         nxt = _next_tokens(logits, sampling, generators)
         request.after_prefill(cache, active.keep_rows)  # e.g. drop a second stream used at the first step only
         mask, position_ids = mask[: request.rows], position_ids[: request.rows]

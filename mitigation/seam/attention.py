@@ -3,7 +3,8 @@
 Registered once in `AttentionInterface` and `AttentionMaskInterface` under the name "lucid" and set
 on the text backbone only (`attn_implementation={"text_config": "lucid", "vision_config": "sdpa"}`).
 With no active scope, or in a layer the scope does not touch, it is transformers' own sdpa path.
-Otherwise the request's hooks may extend the layer's compiled edit (state known only at prefill), the
+Otherwise the request's hooks may first adjust the layer's mask (a layer past a DyVTE exit holds fewer keys),
+then extend the layer's compiled edit (state known only at prefill), the
 layer runs `kernels.edited_attention` if it has an edit (sdpa if not), hooks may then act on the output
 before o_proj, and for recorded layers the (edited) image-attention rows are read out. The mask function
 is transformers' `sdpa_mask`: registering an attention function without one silently drops the causal mask.
@@ -48,6 +49,8 @@ def lucid_attention(
     rows_sel = recorder.prefill_rows if recorder is not None else "all"
     edit = active.edit_for(layer, prefill=query.shape[2] > 1)
     hooks = active.attention_hooks.get(layer, ())
+    for hook in hooks:  # e.g. a layer that holds fewer keys than the model's mask describes (DyVTE)
+        attention_mask = hook.attention_mask(layer, attention_mask, key)
     call = None
     if hooks:
         call = AttentionCall(layer, query, key, attention_mask, scale, active.image_index)

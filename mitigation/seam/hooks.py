@@ -5,6 +5,9 @@ module, so nothing leaks from one sample to the next. The seam calls it, within 
 
 * `layer_input(layer, hidden)`: the hidden state entering a decoder layer ([R, T, D]; prefill and
   every decode step), e.g. VAR's sink detection at prefill;
+* `attention_mask(layer, mask, key)`: the layer's attention mask ([R, 1, Tq, Tk] bool or None), before
+  anything else reads it; e.g. DyVTE's exit: past the exit layer a decode step's keys lack the image
+  positions, so the model's one mask (for the full length) is cut to the layer's own keys;
 * `edit(call, edit)`: just before a layer's attention; returns the layer's edit, extended (VAR's
   redistribution, a per-row head scale, per-row logit coefficients measured at prefill);
 * `output(call, out)`: the attention output [R, Tq, H, D] before o_proj, e.g. VHR's head selection
@@ -54,6 +57,9 @@ class Hook:
 
     def layer_input(self, layer: int, hidden: torch.Tensor) -> None:
         return None
+
+    def attention_mask(self, layer: int, mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor | None:
+        return mask
 
     def edit(self, call: AttentionCall, edit: AttentionEdit | None) -> AttentionEdit | None:
         return edit

@@ -49,6 +49,8 @@ STREAM_KINDS = ("strip", "mean_image", "noise")
 IMAGE_FREE_KINDS = ("strip", "mean_image")  # the streams without the image's content
 NOISE_STEPS = 1000  # VCD's diffusion schedule
 LogitsStep = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+#: `run(model_kwargs, position_ids, cache) -> [R, V]` the last position's logits: a prefill of the method's own
+PrefillRun = Callable[[Mapping[str, torch.Tensor], torch.Tensor, Any], torch.Tensor]
 
 
 class Method(Protocol):
@@ -114,12 +116,16 @@ class Contribution:
         key_sets: name -> [R, T] bool masks the plan names (namespaced "method.set"; "image" is built in).
         hook: per-request state acting during the forward (`mitigation.seam.hooks.Hook`), or None.
         logits: `step(main [B, V], second [B, V] | None) -> [B, V]` applied before each token is chosen.
+        prefill: the prefill run by the method's own layer loop instead of `model(...)` (`PrefillRun`; DyVTE:
+            positions leave after an exit layer), or None. It calls the model's own layers, so the seam (and
+            any hook) is active in every layer; at most one method of a request may bring one.
     """
 
     plan: Plan = field(default_factory=Plan)
     key_sets: Mapping[str, torch.Tensor] = field(default_factory=dict)
     hook: Hook | None = None
     logits: LogitsStep | None = None
+    prefill: PrefillRun | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,7 @@ class Request:
         methods: the methods, in order.
         prepare_s: seconds spent in preparatory work (vision-tower passes, calibration look-ups).
         inputs: the request's rows after every `prepare_inputs` (their layouts and extras are the answer's).
+        prefill: a method's own prefill run (`Contribution.prefill`), or None (the model's forward).
     """
 
     def __init__(
@@ -200,8 +207,10 @@ class Request:
         methods: tuple[Method, ...] = (),
         prepare_s: float = 0.0,
         inputs: Any = None,
+        prefill: PrefillRun | None = None,
     ) -> None:
         self.inputs = inputs
+        self.prefill = prefill
         self.model_kwargs = dict(model_kwargs)
         self.n_main = n_main
         self.rows = int(self.model_kwargs["input_ids"].shape[0])
@@ -406,9 +415,11 @@ def prepare(vlm: Any, inputs: Any, methods: Sequence[Method] = (), plan: Plan | 
     key_sets: dict[str, torch.Tensor] = {}
     hooks: list[Hook] = []
     steps: list[tuple[LogitsStep, int | None]] = []
+    contributions = []
     for m in methods:
         start = n_main * (1 + block[m.name]) if m.name in block else None
         c = m.contribute(replace(ctx, stream_start=start))
+        contributions.append((m, c))
         for name, mask in c.key_sets.items():
             if name in key_sets or name == "image":
                 raise CompositionError(f"{m.name}: key set {name!r} is already defined by another method")
@@ -418,6 +429,7 @@ def prepare(vlm: Any, inputs: Any, methods: Sequence[Method] = (), plan: Plan | 
             hooks.append(c.hook)
         if c.logits is not None:
             steps.append((c.logits, start))
+    prefill = _check_prefill(contributions)
     return Request(
         kwargs,
         n_main,
@@ -430,4 +442,25 @@ def prepare(vlm: Any, inputs: Any, methods: Sequence[Method] = (), plan: Plan | 
         methods,
         prepare_s=time.perf_counter() - t0,
         inputs=inputs,
+        prefill=prefill,
     )
+
+
+def _check_prefill(contributions: Sequence[tuple[Method, Contribution]]) -> PrefillRun | None:
+    """The one method's own prefill run, if any. A method bringing one removes positions mid-forward, so
+    another method's edits and hooks, which address positions of the full prompt, cannot be honoured with it
+    (logits steps and second streams can); refused with both names."""
+    runs = [(m, c) for m, c in contributions if c.prefill is not None]
+    if not runs:
+        return None
+    (owner, own), *more = runs
+    if more:
+        raise CompositionError(f"{owner.name} and {more[0][0].name} each run their own prefill; use one of them")
+    for m, c in contributions:
+        if m is not owner and (c.hook is not None or c.plan.edits):
+            raise CompositionError(
+                f"{owner.name} and {m.name} cannot be combined: {owner.name} removes the image tokens from the "
+                f"computation after its exit layer, and {m.name} edits attention at positions of the full prompt "
+                f"in every layer; use {m.name} alone, or {owner.name} with logits-only methods (e.g. vcd)"
+            )
+    return own.prefill

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import LlavaProcessor
 
-from testbed.world.language import QA, sample_qas
+from testbed.world.language import QA, SUFFIX_SHARE, sample_qas
 from testbed.world.scenes import CATEGORIES, Scene, WorldConfig, render_scene, with_size
 
 IGNORE = -100
@@ -82,9 +82,11 @@ def make_batch(
     with_text: bool = True,
     region: float = 0.0,
     language: str = "v3",
+    suffix: float = SUFFIX_SHARE,
 ) -> Batch:
     """A training batch of `batch_size` scenes (see `sample_scene`) with their patch coverage and category
-    sets and, `with_text`, a conversation of `turns` QAs each (`sample_qas` in `language`, `region` share)."""
+    sets and, `with_text`, a conversation of `turns` QAs each (`sample_qas` in `language`,
+    `region` share, `suffix` share)."""
     size = processor.image_processor.crop_size["height"]
     grid = size // processor.patch_size
     scenes = [sample_scene(rng, cfg, size) for _ in range(batch_size)]
@@ -100,7 +102,7 @@ def make_batch(
     seqs = []
     for s in scenes:
         n = int(rng.integers(turns[0], turns[1] + 1))
-        seqs.append(encode_conversation(processor, grid * grid, sample_qas(s, rng, n, region, language)))
+        seqs.append(encode_conversation(processor, grid * grid, sample_qas(s, rng, n, region, language, suffix)))
     T = max(len(ids) for ids, _ in seqs)
     pad = processor.tokenizer.pad_token_id
     input_ids = torch.full((batch_size, T), pad, dtype=torch.long)

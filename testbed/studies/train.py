@@ -61,6 +61,7 @@ from testbed.world.language import (
     EVAL_ONLY,
     POPE_SPLITS,
     QA,
+    SUFFIX_SHARE,
     category_frequency,
     color_question,
     cooccurrence,
@@ -95,6 +96,7 @@ class Recipe:
     turns: tuple[int, int] = (1, 4)
     threads: int = 2
     region: float = 0.3  # share of QAs that are region-level (box as text / object at a box)
+    suffix: float = SUFFIX_SHARE  # share of v3 short-answer questions carrying LLaVA-1.5's answer suffix
     vision_position: float = 0.5  # weight of the vision stage's patch row/column targets (0 = off)
     loss: str = "token"  # "token": mean over answer tokens (LLaVA's); "answer": every answer weighs the same
     init: str = ""  # an llava-hf directory to start from (its weights; stages with 0 steps are skipped)
@@ -457,7 +459,14 @@ def train(
 
     def text_batch(rng: np.random.Generator) -> Batch:
         return make_batch(
-            processor, rng, recipe.world, recipe.batch, recipe.turns, region=recipe.region, language=recipe.language
+            processor,
+            rng,
+            recipe.world,
+            recipe.batch,
+            recipe.turns,
+            region=recipe.region,
+            language=recipe.language,
+            suffix=recipe.suffix,
         )
 
     vision = model.model.vision_tower

@@ -323,7 +323,14 @@ class QA:
     kind: str  # "exist" | "color" | "count" | "caption" | "detail" | "where" | "region"
 
 
-def sample_qas(scene: Scene, rng: np.random.Generator, n: int, region: float = 0.0, language: str = "v3") -> list[QA]:
+def sample_qas(
+    scene: Scene,
+    rng: np.random.Generator,
+    n: int,
+    region: float = 0.0,
+    language: str = "v3",
+    suffix: float = SUFFIX_SHARE,
+) -> list[QA]:
     """`n` training QAs for a scene: balanced existence, colour (unique shapes only), count, caption,
     and with probability `region` a region-level QA (LLaVA-1.5's RefCOCO / Visual Genome analogue):
     "Where is the {c} {s}?" -> its box, or "What is at [box]?" -> "A {c} {s}.".
@@ -337,7 +344,8 @@ def sample_qas(scene: Scene, rng: np.random.Generator, n: int, region: float = 0
     caption 18 % of the non-region QAs), bit for bit what the v1 and v2 recipes drew. "v3": existence 46 %
     (BARE_SHARE of them about a bare shape, with absent shapes as negatives), colour 16 %, count 14 %,
     caption 12 %, detailed description 12 %, each family's question drawn by `sample_template` (the EVAL_ONLY
-    paraphrases never), short-answer questions with ANSWER_SUFFIX a SUFFIX_SHARE of the time.
+    paraphrases never), short-answer questions with ANSWER_SUFFIX a `suffix` share of the time
+    (SUFFIX_SHARE by default).
     """
     if language not in LANGUAGES:
         raise ValueError(f"unknown language {language!r}; valid: {', '.join(LANGUAGES)}")
@@ -358,7 +366,7 @@ def sample_qas(scene: Scene, rng: np.random.Generator, n: int, region: float = 0
                 out.append(QA(region_question(box), f"A {o.name}.", "region"))
             continue
         if language == "v3":
-            out.append(_sample_v3(scene, rng, present, absent, unique_shapes))
+            out.append(_sample_v3(scene, rng, present, absent, unique_shapes, suffix))
             continue
         r = rng.random()
         if r < 0.5:
@@ -385,6 +393,7 @@ def _sample_v3(
     present: list[tuple[str, str]],
     absent: list[tuple[str, str]],
     unique_shapes: list[str],
+    suffix: float = SUFFIX_SHARE,
 ) -> QA:
     """One non-region QA of language v3 (see `sample_qas`)."""
     r = rng.random()
@@ -413,7 +422,7 @@ def _sample_v3(
         return QA(sample_template("caption", rng), caption(scene, include_occluded=True), "caption")
     else:
         return QA(sample_template("detail", rng), detailed_description(scene, include_occluded=True), "detail")
-    if rng.random() < SUFFIX_SHARE:
+    if rng.random() < suffix:
         qa = QA(with_suffix(qa.question), qa.answer, qa.kind)
     return qa
 
