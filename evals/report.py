@@ -22,6 +22,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
@@ -108,6 +109,20 @@ def _r(pair) -> list[float]:
     return [round(float(x), 6) for x in pair]
 
 
+def prefill_summary(exits: list[dict]) -> dict:
+    """What a method's own prefill saved (records with `flops_saved`, e.g. DyVTE's): the mean share of prefill
+    FLOPs saved, its range, and how many samples exited after each layer ("none": never)."""
+    saved = [float(x["flops_saved"]) for x in exits]
+    layers = Counter("none" if x.get("exit_layer") is None else str(x["exit_layer"]) for x in exits)
+    return {
+        "flops_saved": round(sum(saved) / len(saved), 6),
+        "min": round(min(saved), 6),
+        "max": round(max(saved), 6),
+        "exit_layers": dict(sorted(layers.items(), key=lambda kv: (kv[0] == "none", kv[0].zfill(4)))),
+        "n": len(saved),
+    }
+
+
 def compute(plan, runs: list[dict]) -> dict:
     """The results dict from the records of every cell (all samples answered)."""
     from mitigation.methods import BASELINE
@@ -135,6 +150,8 @@ def compute(plan, runs: list[dict]) -> dict:
                     "kept_fraction": round(sum(c.get("kept_fraction", 1.0) for c in crops) / len(crops), 6),
                     "n": len(crops),
                 }
+            if exits := [x for r in recs for x in (r.get("extras") or {}).values() if "flops_saved" in x]:
+                entry["prefill"] = prefill_summary(exits)
             results.setdefault(task, {}).setdefault(cell.model.name, {})[cell.label] = entry
             n_samples[task] = len(recs)
     # paired comparisons against the baseline, on the same samples
@@ -273,6 +290,27 @@ def markdown(res: dict, charts: dict[str, str] | None = None) -> str:
                         f"{_fmt(c['target_coverage'])} | {_fmt(c['kept_fraction'])} | {c['n']} |"
                     )
                 lines.append("")
+    exits = [
+        (t, m, lb, e["prefill"])
+        for t, by in tasks.items()
+        for m, bl in by.items()
+        for lb, e in bl.items()
+        if "prefill" in e
+    ]
+    if exits:
+        lines += [
+            "## Prefill FLOPs saved",
+            "",
+            "| task | model | method set | saved (mean) | range | exit layers | n |",
+        ]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for task, model, label, p in exits:
+            layers = ", ".join(f"{k}: {v}" for k, v in p["exit_layers"].items())
+            lines.append(
+                f"| {task} | `{model}` | `{label}` | {_fmt(p['flops_saved'])} | {_fmt(p['min'])}-{_fmt(p['max'])} | "
+                f"{layers} | {p['n']} |"
+            )
+        lines.append("")
     tp = res.get("throughput") or []
     if tp:
         lines += ["## Throughput", "", "| model | workers | batch size | samples | s | samples/s | start-up s |"]

@@ -35,7 +35,7 @@ class Worker:
         """Where this replica runs: host, pid, torch threads, device, CPU / GPU model, load time."""
         import torch
 
-        from kernels.dispatch import requested_backend
+        from lucid_kernels.dispatch import requested_backend
 
         dev = self.vlm.device
         gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None

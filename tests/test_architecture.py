@@ -1,10 +1,9 @@
 """The layering is a contract, not a hope: `lint-imports` (import-linter) with the contracts in
 pyproject.toml must pass, and each contract must be able to fail."""
 
-import importlib.util
+import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -43,7 +42,7 @@ def test_the_layering_contracts_are_kept():
 def test_each_contract_fails_on_the_mistake_it_names(tmp_path, module, source, contract):
     """A copy of the tree with one planted mistake: lint-imports must name the broken contract."""
     tree = tmp_path / "tree"
-    packages = ("lucid", "vlm", "mitigation", "grounding", "kernels", "serve", "evals", "testbed")
+    packages = ("lucid", "vlm", "mitigation", "grounding", "lucid_kernels", "serve", "evals", "testbed")
     files = [p.relative_to(ROOT) for pkg in packages for p in (ROOT / pkg).rglob("*.py")] + [Path("pyproject.toml")]
     for rel in files:
         dst = tree / rel
@@ -66,20 +65,22 @@ def test_each_contract_fails_on_the_mistake_it_names(tmp_path, module, source, c
     assert contract in broken, proc.stdout[-3000:]
 
 
-def test_transformers_does_not_take_lucids_kernels_for_the_kernels_hub():
-    """Hugging Face's kernel-hub client is also imported as `kernels`; transformers resolves the name through
-    the installed distributions and would call `kernels.get_kernel` on Lucid's package if the version it
-    reads were in its accepted range. It must not report the hub as available because of Lucid."""
-    from transformers.utils import import_utils
+def test_lucid_ships_no_top_level_package_that_transformers_imports_by_name():
+    """transformers >= 5.25 depends on Hugging Face's kernel-hub client, imported as `kernels`; a Lucid package
+    of that name (Lucid's kernels lived there until 2026-12) shadows it from the repository root and
+    `import transformers.modeling_utils` fails. Lucid's top-level packages must not take the names of
+    transformers' own dependencies, and loading the modeling code from the repository root must work."""
+    from importlib.metadata import requires
 
-    spec = importlib.util.find_spec("kernels")
-    if spec is None or not str(spec.origin).startswith(str(ROOT)):
-        pytest.skip("`kernels` is not Lucid's here")
-    import_utils.is_kernels_available.cache_clear()
-    assert not import_utils.is_kernels_available(), textwrap.dedent(
-        """transformers takes Lucid's `kernels` for the kernel hub (the version it reads from Lucid's
-        distribution is inside the hub's accepted range): rename the top-level package or keep the version out"""
+    names = (re.split(r"[ ;<>=!~\[]", r, maxsplit=1)[0] for r in requires("transformers") or [])
+    taken = {n.lower().replace("-", "_") for n in names}
+    ours = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert not ours & taken, f"Lucid packages named like transformers' dependencies: {sorted(ours & taken)}"
+    proc = subprocess.run(
+        [sys.executable, "-c", "import transformers.modeling_utils, transformers.models.llava"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
-    import kernels
-
-    assert not hasattr(kernels, "get_kernel")
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -192,6 +192,29 @@ def test_pope_and_chair_suites_end_to_end(tmp_path):
     assert res["configs"]["pope:post_prompt="]["files"][str(q)]  # sha256 of the question file
 
 
+def test_a_methods_prefill_savings_reach_the_report(tmp_path):
+    """DyVTE's per-sample extras (FLOPs saved, exit layer) are summed per cell into results.json and the report."""
+    spec = JobSpec(
+        suites=("testbed-pope:n=4,seed=777",),
+        methods=("dyvte:layer=2",),
+        out=tmp_path / "out",
+        workers=0,
+        bootstrap=50,
+        progress=False,
+    )
+    res = run_job(spec, log=lambda m: None)
+    label = "dyvte:rule=static,layer=2"  # the rule a static layer implies
+    records = read_records(next(p for p in (tmp_path / "out" / "samples").rglob("*.jsonl") if "dyvte" in str(p)))
+    saved = [r["extras"]["dyvte"]["flops_saved"] for r in records.values()]
+    for task, by_model in res["results"].items():
+        assert "prefill" not in by_model["testbed"]["baseline"]
+        p = by_model["testbed"][label]["prefill"]
+        assert p["exit_layers"] == {"2": p["n"]} and 0.3 < p["min"] <= p["flops_saved"] <= p["max"] < 0.6, task
+    assert sum(p["n"] for by in res["results"].values() for p in [by["testbed"][label]["prefill"]]) == len(saved)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Prefill FLOPs saved" in report and f"`{label}` |" in report
+
+
 def lucid(*args, timeout=120):
     return subprocess.run([*LUCID, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 

@@ -22,7 +22,7 @@ def test_methods_lists_parameters_and_schemas():
         assert any(line.startswith(name) for line in text.stdout.splitlines())
     assert "a number in [0, 1]" in text.stdout and "arXiv:2503.03321" in text.stdout
     schemas = json.loads(lucid("methods", "--json").stdout)
-    assert sorted(schemas) == ["carve", "magnifier", "pai", "paint", "var", "vcd", "vhr"]
+    assert sorted(schemas) == ["carve", "dyvte", "magnifier", "pai", "paint", "var", "vcd", "vhr"]
     assert schemas["vhr"]["properties"]["alpha"]["maximum"] == 10.0
 
 

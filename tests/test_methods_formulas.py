@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from kernels import AttentionEdit, KeyEdit, Redistribution, edited_attention_reference
+from lucid_kernels import AttentionEdit, KeyEdit, Redistribution, edited_attention_reference
 from mitigation import LayerEdit, Plan, compile_edits
 from mitigation.methods.pai import guidance
 from mitigation.methods.paint import cls_attention, head_weights, select_tokens

@@ -24,15 +24,15 @@ from mitigation.methods.vhr import VHR, vhr_layers
 
 
 def test_registered_names():
-    assert sorted(METHODS) == ["carve", "magnifier", "pai", "paint", "var", "vcd", "vhr"]
+    assert sorted(METHODS) == ["carve", "dyvte", "magnifier", "pai", "paint", "var", "vcd", "vhr"]
 
 
 def test_unknown_name_lists_valid_names():
     with pytest.raises(
-        MethodError, match=r"unknown method 'opera'; valid: carve, magnifier, pai, paint, var, vcd, vhr"
+        MethodError, match=r"unknown method 'opera'; valid: carve, dyvte, magnifier, pai, paint, var, vcd, vhr"
     ):
         parse_method("opera:alpha=1")
-    with pytest.raises(MethodError, match="valid: carve, magnifier, pai, paint, var, vcd, vhr"):
+    with pytest.raises(MethodError, match="valid: carve, dyvte, magnifier, pai, paint, var, vcd, vhr"):
         parse_method({"name": "nope"})
 
 
@@ -45,6 +45,18 @@ def test_duplicate_registration_raises():
             x: float = param(1.0, "x")
 
     assert METHODS["pai"] is PAI
+
+
+def test_a_parameter_may_not_hide_what_every_method_has():
+    """A parameter named `label` would replace Method.label, the name eval reports and file paths use."""
+    with pytest.raises(TypeError, match="'label' would hide Method.label"):
+
+        @register("hides-label")
+        @dataclass(frozen=True)
+        class Hiding(Method):
+            label: str = param("a", "x")
+
+    assert "hides-label" not in METHODS
 
 
 def test_both_syntaxes_give_the_same_method():

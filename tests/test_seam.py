@@ -9,7 +9,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 import mitigation
-from kernels import AttentionEdit, edited_attention_reference
+from lucid_kernels import AttentionEdit, edited_attention_reference
 from mitigation import AttentionRecorder, LayerEdit, Plan
 from testbed.world.scenes import render_scene
 from vlm import build_inputs

@@ -187,7 +187,7 @@ def test_segment_prompts_and_query(client, backend):
 @pytest.mark.parametrize(
     "patch, status, words",
     [
-        ({"interventions": [{"name": "nope"}]}, 400, "valid: carve, magnifier, pai, paint, var, vcd, vhr"),
+        ({"interventions": [{"name": "nope"}]}, 400, "valid: carve, dyvte, magnifier, pai, paint, var, vcd, vhr"),
         ({"interventions": [{"name": "var", "params": {"p": 7}}]}, 400, "p must be"),
         ({"interventions": [{"name": "vhr", "params": {"nope": 1}}]}, 400, "alpha"),
         ({"temperature": -1}, 422, "temperature"),

@@ -162,7 +162,7 @@ def test_openai_client_plain_streaming_and_extensions(server):
     views = r.model_extra["lucid"]["views"]  # what CARVE made: a picture, and its box / mask / regions
     assert base64.b64decode(views["png"])[:4] == b"\x89PNG" and len(views["carve"]["box"]) == 4
     assert views["carve"]["mask"]["counts"] and views["carve"]["regions"][0] >= 1
-    with pytest.raises(BadRequestError, match="valid: carve, magnifier, pai, paint, var, vcd, vhr"):
+    with pytest.raises(BadRequestError, match="valid: carve, dyvte, magnifier, pai, paint, var, vcd, vhr"):
         client.chat.completions.create(model="testbed", messages=msgs, extra_body={"interventions": [{"name": "x"}]})
 
 
@@ -220,7 +220,7 @@ def test_listings_health_and_metrics(http):
     assert http.get("/readyz").json()["ready"] is True
     assert http.get("/v1/models").json()["data"][0]["id"] == "testbed"
     names = [d["name"] for d in http.get("/v1/interventions").json()["data"]]
-    assert names == ["carve", "magnifier", "pai", "paint", "var", "vcd", "vhr"]
+    assert names == ["carve", "dyvte", "magnifier", "pai", "paint", "var", "vcd", "vhr"]
     assert "/v1/chat/completions" in http.get("/openapi.json").json()["paths"]
     text = http.get("/metrics").text
     assert 'route="/v1/chat/completions"' in text and 'method="vhr"' in text

@@ -1,4 +1,4 @@
-"""The fused Triton kernel against the readable reference (`kernels.reference`), case by case.
+"""The fused Triton kernel against the readable reference (`lucid_kernels.reference`), case by case.
 
 Without a GPU the kernel runs in Triton's interpreter. Triton jits its standard library (`tl.max`, `tl.sum`)
 at `import triton` for the mode TRITON_INTERPRET names then, so this module sets TRITON_INTERPRET=1 around
@@ -37,7 +37,7 @@ if not CUDA and "triton" not in sys.modules:
             os.environ["TRITON_INTERPRET"] = _prior
 
 pytest.importorskip("triton")
-tat = pytest.importorskip("kernels.triton_attention")
+tat = pytest.importorskip("lucid_kernels.triton_attention")
 if not tat.HAVE_TRITON:  # pragma: no cover
     pytest.skip("triton is not importable", allow_module_level=True)
 # In a larger run something collected earlier has usually imported triton compiled already (torch._dynamo
@@ -45,8 +45,8 @@ if not tat.HAVE_TRITON:  # pragma: no cover
 # TRITON_INTERPRET=1 (`test_in_a_fresh_interpreter_process`) and its tests here are skipped.
 RERUN = not CUDA and not tat.INTERPRETED
 
-from kernels import dispatch  # noqa: E402
-from kernels.reference import AttentionEdit, KeyEdit, Redistribution, edited_attention_reference  # noqa: E402
+from lucid_kernels import dispatch  # noqa: E402
+from lucid_kernels.reference import AttentionEdit, KeyEdit, Redistribution, edited_attention_reference  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 B, H, HKV, D = 2, 4, 2, 16
@@ -237,7 +237,7 @@ def test_dispatch_picks_the_backend(monkeypatch, caplog):
     monkeypatch.setenv("LUCID_KERNELS", "auto")
     assert dispatch.backend_for(q) == ("triton" if CUDA else "reference")  # CPU: the interpreter is for tests
     monkeypatch.setattr(dispatch, "_logged", set())
-    with caplog.at_level(logging.INFO, logger="kernels.dispatch"):
+    with caplog.at_level(logging.INFO, logger="lucid_kernels.dispatch"):
         assert dispatch.backend_for(q.cpu()) == "reference" and dispatch.backend_for(q.cpu()) == "reference"
     assert sum("CPU tensors" in r.message for r in caplog.records) == 1  # the reason, logged once
     monkeypatch.setenv("LUCID_KERNELS", "triton")

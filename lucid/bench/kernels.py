@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from kernels.reference import AttentionEdit, KeyEdit, Redistribution, edited_attention_reference
 from lucid.bench.stats import bootstrap_median
+from lucid_kernels.reference import AttentionEdit, KeyEdit, Redistribution, edited_attention_reference
 
 H, D = 32, 128
 TEXT_BEFORE, IMAGE, TEXT_AFTER, DECODE_TK = 35, 576, 29, 700
@@ -76,7 +76,7 @@ def llava15_inputs(tq: int, tk: int, b: int, device, dtype=torch.bfloat16, seed:
 
 def _paths(tq: int, tk: int, b: int, device) -> dict:
     """name -> a no-argument callable running that path once on fixed inputs."""
-    from kernels.triton_attention import edited_attention_triton
+    from lucid_kernels.triton_attention import edited_attention_triton
 
     q, k, v = llava15_inputs(tq, tk, b, device)
     scale = D**-0.5
@@ -110,7 +110,7 @@ def run_bench(rounds: int = 30, inner: int = 20, seed: int = 0, cases: tuple[str
     and ratio to sdpa (median, 2.5 %, 97.5 %). Needs CUDA."""
     if not torch.cuda.is_available():
         raise RuntimeError("lucid.bench.kernels times GPU kernels: it needs CUDA (torch.cuda.is_available() is False)")
-    from kernels.triton_attention import HAVE_TRITON, interpreting
+    from lucid_kernels.triton_attention import HAVE_TRITON, interpreting
 
     if not HAVE_TRITON or interpreting():
         raise RuntimeError("lucid.bench.kernels needs a compiled Triton (importable, TRITON_INTERPRET unset)")
@@ -189,7 +189,7 @@ def compile_report(only: tuple[str, ...] | None = None, arch: int = 90) -> list[
     launch config, shared memory bytes, and ptxas's registers and spill-store bytes (None if unparsed)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    from kernels.triton_attention import compile_for, default_config
+    from lucid_kernels.triton_attention import compile_for, default_config
 
     rows = []
     for name, (tq, tk, dtype, kind, mask_kind, record) in REPORT_CASES.items():

@@ -12,6 +12,7 @@
                [--batch-size B] [--address ADDR] [--submit http://HEAD:8265]   (lucid/cli/eval_cmd.py)
     lucid segment IMAGE [QUERY] [--point X,Y[:0|1]]... [--box X0,Y0,X1,Y1]... [--sam SPEC] [--out PNG] [--json]
     lucid testbed train-sam --seed S --out DIR / lucid testbed eval-sam [--sam SPEC] / lucid sam-to-hf SRC OUT
+    lucid dyvte fit [--model M] [--data FOLDER] [--out DIR] [--json]   (DyVTE's calibration and routers)
 The dispatcher: it builds the typer app with the shared error contract (`lucid.cli.common.LucidGroup`) and
 registers every command module (`*_cmd.py`, each one command family with a `register(app, testbed_app)`).
 No command module imports this one.
@@ -27,6 +28,7 @@ from lucid.cli import (
     analyze_cmd,
     ask_cmd,
     bench_cmd,
+    dyvte_cmd,
     eval_cmd,
     locate_cmd,
     methods_cmd,
@@ -47,7 +49,18 @@ testbed_app = typer.Typer(no_args_is_help=True, help="The shapes-world testbed a
 app.add_typer(testbed_app, name="testbed")
 
 # the order is the order of `lucid --help`
-COMMANDS = (ask_cmd, bench_cmd, testbed_cmd, methods_cmd, locate_cmd, analyze_cmd, segment_cmd, eval_cmd, serve_cmd)
+COMMANDS = (
+    ask_cmd,
+    bench_cmd,
+    testbed_cmd,
+    methods_cmd,
+    dyvte_cmd,
+    locate_cmd,
+    analyze_cmd,
+    segment_cmd,
+    eval_cmd,
+    serve_cmd,
+)
 for _module in COMMANDS:
     _module.register(app, testbed_app)
 

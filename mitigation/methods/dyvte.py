@@ -10,7 +10,7 @@ import torch
 from lucid.errors import InputError
 from mitigation.methods import exit_rules
 from mitigation.methods.exit_rules import ExitHook, features, question_start, saved_share
-from mitigation.methods.registry import Method, MethodError, Preset, param, register
+from mitigation.methods.registry import Method, MethodError, Preset, given_params, param, register
 from mitigation.seam.context import current
 from mitigation.seam.request import CompositionError, Contribution, RequestContext
 from vlm.exit import decoder_flops, drop_positions, prefill_with_exit
@@ -61,8 +61,10 @@ class DyVTE(Method):
     last prompt token's], exit at the first layer whose logit 1 > logit 0), `static` (one layer per checkpoint,
     the earliest safe for `safe_share` of a calibration set by the paper's label rule), `attention` (exit once
     the last prompt row's image-attention mass stays below tau for m layers from l_min; calibrated the same
-    way). The routers and calibration come from `lucid dyvte fit` (cached per weights hash; the embedded
-    checkpoint's are committed beside it); `layer` (static) or `tau` (attention) given explicitly need none.
+    way). `safe` picks the calibration: `paper` (DyVTE's label) or `agreement` (Lucid's, opt-in: the loss
+    ratio dropped, see `exit_rules.is_safe`). The routers and calibration come from `lucid dyvte fit` (cached
+    per weights hash; the embedded checkpoint's are committed beside it); `layer` (static) or `tau`
+    (attention) given explicitly need none.
 
     Batches: rows exiting at different layers keep one length until the last of them exits (their image
     columns blocked from their own exit on; the compute is saved from the last exit), so batch rows equal
@@ -88,7 +90,15 @@ class DyVTE(Method):
         "paper": Preset({"rule": "router"}, "arXiv:2411.19628 §3 (the same routers and labels as the code)"),
     }
 
+    own_prefill: ClassVar[bool] = True  # composes with logits_only methods only (`mitigation.seam.request`)
+
     rule: str = param("router", "decision rule: router (the paper's), static or attention", choices=RULES)
+    safe: str = param(
+        "paper",
+        "the exit label the rule was fitted to: paper (agreement > 0.99 and loss ratio < 1.03) or agreement (Lucid's: "
+        "the greedy answer unchanged)",
+        choices=exit_rules.LABELS,
+    )
     layer: int | None = param(
         None, "static: exit after this layer (>= the last layer: never); default calibrated", min=0
     )
@@ -96,16 +106,33 @@ class DyVTE(Method):
     m: int | None = param(None, "attention: consecutive layers below tau; default calibrated", min=1)
     l_min: int | None = param(None, "attention: the first layer that may exit; default calibrated", min=0)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        given = given_params()
+        if "rule" not in given:  # a static layer or an attention threshold given names its rule
+            if self.layer is not None:
+                object.__setattr__(self, "rule", "static")
+            elif self.tau is not None:
+                object.__setattr__(self, "rule", "attention")
+        stray = {
+            "static": ("tau", "m", "l_min"),
+            "attention": ("layer",),
+            "router": ("layer", "tau", "m", "l_min"),
+        }[self.rule]
+        bad = [k for k in stray if getattr(self, k) is not None]
+        if bad:
+            raise MethodError(f"dyvte:rule={self.rule} takes no {', '.join(bad)}")
+
     def prepare_inputs(self, vlm: Any, inputs: Any) -> Any:
         extras = tuple({**inputs.extras_of(b), self.name: ExitView(self.rule)} for b in range(inputs.batch_size))
         return replace(inputs, extras=extras)
 
     def _calibration(self, vlm: Any) -> exit_rules._Found:
-        found = exit_rules.find(vlm)
+        found = exit_rules.find(vlm, self.safe)
         if found is None:
             raise MethodError(
-                f"dyvte:rule={self.rule} needs this checkpoint's calibration: run `lucid dyvte fit --model "
-                f"{vlm.path}` (or give dyvte:layer=K / dyvte:tau=T explicitly)"
+                f"dyvte:rule={self.rule},safe={self.safe} needs this checkpoint's calibration: run "
+                f"`lucid dyvte fit --model {vlm.path}` (or give dyvte:layer=K / dyvte:tau=T explicitly)"
             )
         return found
 

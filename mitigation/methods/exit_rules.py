@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernels.reference import repeat_kv
+from lucid_kernels.reference import repeat_kv
 from mitigation.seam.context import scope
 from mitigation.seam.hooks import AttentionCall, Hook
 from mitigation.seam.plan import Plan
@@ -160,18 +160,32 @@ class Routers(nn.Module):
 # ------------------------------------------------------------------------------------------- the labels
 
 
-def safe_exit(full: torch.Tensor, exited: torch.Tensor, answer: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """DyVTE's pseudo-label per row: full / exited logits [R, A, V] at the positions predicting answer [R, A]
-    (valid [R, A] marks each row's own answer tokens) -> [R] bool."""
-    agree = (full.argmax(-1) == exited.argmax(-1)) & valid
+LABELS = ("paper", "agreement")
+
+
+def exit_scores(
+    full: torch.Tensor, exited: torch.Tensor, answer: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full / exited logits [R, A, V] at the positions predicting answer [R, A] (valid [R, A] marks each row's own
+    answer tokens) -> ([R] the share of answer positions whose argmax agrees, [R] exited / full mean answer CE)."""
     n = valid.sum(1).clamp_min(1)
-    agreement = agree.sum(1) / n
+    agreement = ((full.argmax(-1) == exited.argmax(-1)) & valid).sum(1) / n
 
     def ce(logits: torch.Tensor) -> torch.Tensor:
         nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), answer, reduction="none")
         return (nll * valid).sum(1) / n
 
-    return (agreement > AGREEMENT) & (ce(exited) < LOSS_RATIO * ce(full))
+    return agreement, ce(exited) / ce(full).clamp_min(1e-12)
+
+
+def is_safe(agreement: torch.Tensor, ratio: torch.Tensor, label: str = "paper") -> torch.Tensor:
+    """The label: `paper` (DyVTE's: agreement > 0.99 and loss ratio < 1.03) or `agreement` (Lucid's: agreement
+    > 0.99 alone, i.e. the greedy answer is unchanged; the loss ratio is dropped because, on a model that is
+    near-certain of its own answer, any change of a near-zero loss exceeds 3 %)."""
+    if label not in LABELS:
+        raise ValueError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
+    ok = agreement > AGREEMENT
+    return ok & (ratio < LOSS_RATIO) if label == "paper" else ok
 
 
 @dataclass(frozen=True)
@@ -184,14 +198,19 @@ class ExitSample:
 
 @dataclass(frozen=True)
 class ExitData:
-    """Per sample: safe [S, L-1] (exit after layer k is safe), mass [S, L] (the last prompt row's image mass
-    per layer), features [S, L-1, 2d] (the router's input after layer k), exit_share [S, L-1] (the share of
-    prefill FLOPs each exit would save)."""
+    """Per sample and exit layer k: agreement and loss ratio [S, L-1] (`exit_scores`), mass [S, L] (the last
+    prompt row's image mass per layer), features [S, L-1, 2d] (the router's input after layer k), saved [S, L-1]
+    (the share of prefill FLOPs the exit saves)."""
 
-    safe: torch.Tensor
+    agreement: torch.Tensor
+    ratio: torch.Tensor
     mass: torch.Tensor
     features: torch.Tensor
     saved: torch.Tensor
+
+    def safe(self, label: str = "paper") -> torch.Tensor:
+        """[S, L-1] bool: exiting after layer k is safe for the sample (`is_safe`)."""
+        return is_safe(self.agreement, self.ratio, label)
 
 
 def _with_answers(vlm: Any, samples: Sequence[ExitSample], max_new_tokens: int):
@@ -261,7 +280,7 @@ def collect(
 
     L = vlm.n_layers
     cfg = vlm.model.config.text_config
-    safes, masses, feats, saved = [], [], [], []
+    agreements, ratios, masses, feats, saved = [], [], [], [], []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         kwargs, last, answers = _with_answers(vlm, chunk, max_new_tokens)
@@ -284,12 +303,13 @@ def collect(
         hook = ExitHook(L, drop, read_at=last)
         full, _ = _prefill(vlm, kwargs, record, hook)
         full = full[:, -A - 1 : -1]
-        safe = torch.zeros(R, L - 1, dtype=torch.bool)
+        agreement, ratio = torch.zeros(R, L - 1), torch.zeros(R, L - 1)
         for k in range(L - 1):
             exited, trace = _prefill(
                 vlm, kwargs, lambda layer, h, k=k: torch.full((h.shape[0],), layer == k), ExitHook(L, drop)
             )
-            safe[:, k] = safe_exit(full, exited[:, -A - 1 : -1], target, valid).cpu()
+            a, r = exit_scores(full, exited[:, -A - 1 : -1], target, valid)
+            agreement[:, k], ratio[:, k] = a.cpu(), r.cpu()
         prompt_T = int(T - A)  # the prompt's length as inference runs it (the answer tokens are not prefilled)
         base = decoder_flops(cfg, (prompt_T,) * L)
         n_img = drop.shape[1]
@@ -303,12 +323,13 @@ def collect(
                 ]
             ).expand(R, -1)
         )
-        safes.append(safe)
+        agreements.append(agreement)
+        ratios.append(ratio)
         masses.append(torch.stack([hook.masses[layer] for layer in range(L)], 1).cpu())
         feats.append(torch.stack([layer_feats[k] for k in range(L - 1)], 1).cpu())
         if progress is not None:
             progress(len(chunk))
-    return ExitData(torch.cat(safes), torch.cat(masses), torch.cat(feats), torch.cat(saved))
+    return ExitData(torch.cat(agreements), torch.cat(ratios), torch.cat(masses), torch.cat(feats), torch.cat(saved))
 
 
 # ------------------------------------------------------------------------------------------- the rules
@@ -321,6 +342,7 @@ class ExitCalibration:
     Attributes:
         static_layer: the `static` rule's exit layer (n_layers - 1: no layer was safe enough, never exits).
         tau, m, l_min: the `attention` rule's threshold, run length and first layer.
+        label: the label rule the rules were fitted to (`is_safe`).
         safe_share: the share of calibration samples required safe.
         samples: how many samples calibrated it; calibration: their name.
         safe_by_layer: the share of samples safe at each exit layer (for the docs and `lucid dyvte fit`).
@@ -333,6 +355,7 @@ class ExitCalibration:
     tau: float
     m: int
     l_min: int
+    label: str
     safe_share: float
     samples: int
     calibration: str
@@ -352,11 +375,10 @@ class ExitCalibration:
         return cls(**d)
 
 
-def fit_static(data: ExitData, safe_share: float) -> int:
-    """The earliest exit layer safe for >= safe_share of the samples (the last layer - no exit - if none is)."""
-    share = data.safe.float().mean(0)
-    ok = torch.nonzero(share >= safe_share).flatten()
-    return int(ok[0]) if ok.numel() else data.safe.shape[1]
+def fit_static(safe: torch.Tensor, safe_share: float) -> int:
+    """safe [S, L-1] -> the earliest exit layer safe for >= safe_share of the samples (L-1, no exit, if none is)."""
+    ok = torch.nonzero(safe.float().mean(0) >= safe_share).flatten()
+    return int(ok[0]) if ok.numel() else safe.shape[1]
 
 
 def attention_exit_layer(mass: torch.Tensor, tau: float, m: int, l_min: int) -> torch.Tensor:
@@ -373,13 +395,13 @@ def attention_exit_layer(mass: torch.Tensor, tau: float, m: int, l_min: int) -> 
     return out
 
 
-def fit_attention(data: ExitData, safe_share: float) -> tuple[float, int, int]:
+def fit_attention(data: ExitData, safe: torch.Tensor, safe_share: float) -> tuple[float, int, int]:
     """(tau, m, l_min) saving the most prefill FLOPs on average with >= safe_share of the samples safe at
     their exit (no exit counts as safe); the thresholds tried are the masses' quantiles."""
     S, L = data.mass.shape
     taus = torch.quantile(data.mass.flatten().float(), torch.linspace(0, 1, 41)).tolist()
     best = (0.0, (0.0, 1, L - 1))
-    safe = torch.cat([data.safe, torch.ones(S, 1, dtype=torch.bool)], 1)
+    safe = torch.cat([safe, torch.ones(S, 1, dtype=torch.bool)], 1)
     saved = torch.cat([data.saved, torch.zeros(S, 1)], 1)
     for tau in taus:
         for m in (1, 2, 3):
@@ -396,9 +418,10 @@ def fit_attention(data: ExitData, safe_share: float) -> tuple[float, int, int]:
 
 def train_routers(
     data: ExitData,
+    safe: torch.Tensor,
     d: int,
     hidden: int = 2048,
-    epochs: int = 200,
+    epochs: int = 50,
     lr: float = 1e-3,
     seed: int = 0,
     holdout: float = 0.2,
@@ -413,7 +436,7 @@ def train_routers(
     hold, train = order[:n_hold], order[n_hold:]
     scale = data.features.float().std(0, keepdim=True).mean().clamp_min(1e-6)  # one scalar: keeps the rule
     x_all = data.features.float() / scale
-    y_all = data.safe.long()
+    y_all = safe.long()
 
     def fit(rows: torch.Tensor) -> Routers:
         torch.manual_seed(seed)
@@ -434,7 +457,7 @@ def train_routers(
                 acc.append(float((probe.exits(k, x_all[hold, k]).long() == y_all[hold, k]).float().mean()))
     routers = fit(order)
     routers.input_scale = float(scale)
-    return routers, tuple(acc), tuple(float(v) for v in data.safe.float().mean(0))
+    return routers, tuple(acc), tuple(float(v) for v in safe.float().mean(0))
 
 
 # ------------------------------------------------------------------------------------------- storage
@@ -447,11 +470,12 @@ def cache_dir_for(vlm: Any, cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def save(out: Path, calibration: ExitCalibration, routers: Routers | None = None) -> Path:
-    """Write calibration.json (and routers.safetensors) into `out`."""
+    """Write calibration-{label}.json (and routers-{label}.safetensors) into `out`."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "calibration.json").write_text(calibration.to_json())
+    label = calibration.label
+    (out / f"calibration-{label}.json").write_text(calibration.to_json())
     if routers is not None:
         state = {k: v.detach().contiguous() for k, v in routers.state_dict().items()}
         meta = {
@@ -460,7 +484,7 @@ def save(out: Path, calibration: ExitCalibration, routers: Routers | None = None
             "hidden": str(routers.hidden),
             "input_scale": repr(getattr(routers, "input_scale", 1.0)),
         }
-        save_file(state, out / "routers.safetensors", metadata=meta)
+        save_file(state, out / f"routers-{label}.safetensors", metadata=meta)
     return out
 
 
@@ -483,24 +507,24 @@ class _Found:
     where: Path = field(default_factory=Path)
 
 
-_MEMO: dict[str, _Found] = {}
+_MEMO: dict[tuple[str, str], _Found] = {}
 
 
-def find(vlm: Any, cache_dir: str | os.PathLike | None = None) -> _Found | None:
-    """The checkpoint's calibration (and routers): shipped beside its weights (`dyvte/`) if for exactly these
-    weights, else in the cache; None if neither has one."""
+def find(vlm: Any, label: str = "paper", cache_dir: str | os.PathLike | None = None) -> _Found | None:
+    """The checkpoint's calibration (and routers) for `label`: shipped beside its weights (`dyvte/`) if for
+    exactly these weights, else in the cache; None if neither has one."""
     digest = weights_hash(vlm.path, cache_dir)
-    if digest in _MEMO:
-        return _MEMO[digest]
+    if (digest, label) in _MEMO:
+        return _MEMO[digest, label]
     for where in (Path(vlm.path) / SHIPPED_DIR, cache_dir_for(vlm, cache_dir)):
-        f = where / "calibration.json"
+        f = where / f"calibration-{label}.json"
         if f.is_file():
             cal = ExitCalibration.from_json(f.read_text())
             if cal.weights_hash != digest:
                 continue
-            r = where / "routers.safetensors"
+            r = where / f"routers-{label}.safetensors"
             found = _Found(cal, load_routers(r) if r.is_file() else None, where)
-            _MEMO[digest] = found
+            _MEMO[digest, label] = found
             return found
     return None
 
@@ -509,42 +533,49 @@ def fit(
     vlm: Any,
     samples: Sequence[ExitSample],
     name: str,
+    labels: Sequence[str] = LABELS,
     safe_share: float = 0.95,
     routers: bool = True,
     hidden: int = 2048,
-    epochs: int = 200,
+    epochs: int = 50,
     batch_size: int = 16,
     out: Path | None = None,
     progress: Callable[[int], None] | None = None,
     cache_dir: str | os.PathLike | None = None,
-) -> tuple[ExitCalibration, Routers | None, Path]:
-    """Calibrate the static and attention rules and train the routers for `vlm` on `samples`; written to
-    `out` (default: the cache for these weights)."""
+) -> tuple[list[ExitCalibration], Path]:
+    """Label `samples` once (`collect`), then for each label rule calibrate the static and attention rules and
+    train the routers; written to `out` (default: the cache for these weights)."""
     data = collect(vlm, samples, batch_size=batch_size, progress=progress)
-    static = fit_static(data, safe_share)
-    tau, m, l_min = fit_attention(data, safe_share)
-    trained, acc, pos = (None, (), ())
-    if routers:
-        trained, acc, pos = train_routers(data, vlm.model.config.text_config.hidden_size, hidden, epochs)
-    cal = ExitCalibration(
-        weights_hash=weights_hash(vlm.path, cache_dir),
-        n_layers=vlm.n_layers,
-        static_layer=static,
-        tau=tau,
-        m=m,
-        l_min=l_min,
-        safe_share=safe_share,
-        samples=len(samples),
-        calibration=name,
-        safe_by_layer=tuple(round(float(v), 4) for v in data.safe.float().mean(0)),
-        router_hidden=hidden if routers else 0,
-        router_accuracy=tuple(round(a, 4) for a in acc),
-        router_positive=tuple(round(p, 4) for p in pos),
-    )
-    where = save(out if out is not None else cache_dir_for(vlm, cache_dir), cal, trained)
-    _MEMO.pop(cal.weights_hash, None)
+    where = out if out is not None else cache_dir_for(vlm, cache_dir)
+    digest = weights_hash(vlm.path, cache_dir)
+    cals = []
+    for label in labels:
+        safe = data.safe(label)
+        tau, m, l_min = fit_attention(data, safe, safe_share)
+        trained, acc, pos = (None, (), ())
+        if routers:
+            trained, acc, pos = train_routers(data, safe, vlm.model.config.text_config.hidden_size, hidden, epochs)
+        cal = ExitCalibration(
+            weights_hash=digest,
+            n_layers=vlm.n_layers,
+            static_layer=fit_static(safe, safe_share),
+            tau=tau,
+            m=m,
+            l_min=l_min,
+            label=label,
+            safe_share=safe_share,
+            samples=len(samples),
+            calibration=name,
+            safe_by_layer=tuple(round(float(v), 4) for v in safe.float().mean(0)),
+            router_hidden=hidden if routers else 0,
+            router_accuracy=tuple(round(a, 4) for a in acc),
+            router_positive=tuple(round(p, 4) for p in pos),
+        )
+        save(where, cal, trained)
+        _MEMO.pop((digest, label), None)
+        cals.append(cal)
     log.info("dyvte calibration written to %s", where)
-    return cal, trained, where
+    return cals, where
 
 
 def testbed_samples(n: int = 256, seed: int = 9100) -> list[ExitSample]:
@@ -617,7 +648,8 @@ __all__ = [
     "fit_attention",
     "fit_static",
     "folder_samples",
-    "safe_exit",
+    "exit_scores",
+    "is_safe",
     "saved_share",
     "testbed_samples",
     "train_routers",

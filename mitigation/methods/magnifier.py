@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kernels.reference import allowed_keys, repeat_kv
+from lucid_kernels.reference import allowed_keys, repeat_kv
 from mitigation.methods.registry import Method, MethodError, Preset, param, register
 from mitigation.seam.hooks import AttentionCall, Hook, StopAfter, StopForward
 from mitigation.seam.recorder import AttentionRecorder

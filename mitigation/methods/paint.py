@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kernels.reference import AttentionEdit, KeyEdit, attention_rows_reference
+from lucid_kernels.reference import AttentionEdit, KeyEdit, attention_rows_reference
 from mitigation.methods.pai import first_edited_layer, guidance
 from mitigation.methods.registry import Method, MethodError, Preset, param, register, resolve_layers
 from mitigation.seam.context import image_index_from_mask

@@ -292,6 +292,8 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
             _kind(_hints(cls)[f.name])  # unsupported types fail at import, not at a request
             if f.default is MISSING:
                 raise TypeError(f"{name}: parameter {f.name!r} needs a default")
+            if f.name not in _BASE_FIELDS and hasattr(Method, f.name):
+                raise TypeError(f"{name}: parameter {f.name!r} would hide Method.{f.name}; name it otherwise")
         _check_presets(name, cls)
         _record_explicit(cls)
         cls.name = name
@@ -299,6 +301,11 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
         return cls
 
     return deco
+
+
+def given_params() -> frozenset[str]:
+    """In a method's `__post_init__`: the parameters its caller gave (the others come from the preset)."""
+    return _EXPLICIT.get() or frozenset()
 
 
 def _record_explicit(cls: type[Method]) -> None:
@@ -316,6 +323,9 @@ def _record_explicit(cls: type[Method]) -> None:
 
     __init__.__doc__ = init.__doc__
     cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+_BASE_FIELDS = frozenset(f.name for f in fields(Method))
 
 
 def _check_presets(name: str, cls: type[Method]) -> None:

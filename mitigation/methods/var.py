@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kernels.reference import AttentionEdit, Redistribution
+from lucid_kernels.reference import AttentionEdit, Redistribution
 from mitigation.methods.pai import first_edited_layer
 from mitigation.methods.registry import Method, MethodError, Preset, param, register, resolve_layers
 from mitigation.seam.hooks import AttentionCall, Hook

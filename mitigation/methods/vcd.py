@@ -80,6 +80,8 @@ class VCD(Method):
         ),
     }
 
+    logits_only: ClassVar[bool] = True  # edits no attention: composes with own-prefill methods (dyvte)
+
     alpha: float = param(1.0, "contrast strength: (1+alpha)*l - alpha*l_noised; 0 = off", min=0.0, max=10.0)
     beta: float = param(0.2, "plausibility cut: keep tokens with p >= beta * max p; 0 = keep all", min=0.0, max=1.0)
     noise_step: int = param(500, "diffusion step of the noised image, 0..999 (999: almost pure noise)", min=0, max=999)

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from kernels.reference import AttentionEdit
+from lucid_kernels.reference import AttentionEdit
 from mitigation.methods.registry import Method, Preset, param, register, resolve_layers
 from mitigation.seam.hooks import AttentionCall, Hook
 from mitigation.seam.request import IMAGE_FREE_KINDS, Contribution, RequestContext, SecondStream

@@ -5,7 +5,7 @@ on the text backbone only (`attn_implementation={"text_config": "lucid", "vision
 With no active scope, or in a layer the scope does not touch, it is transformers' own sdpa path.
 Otherwise the request's hooks may first adjust the layer's mask (a layer past a DyVTE exit holds fewer keys),
 then extend the layer's compiled edit (state known only at prefill), the
-layer runs `kernels.edited_attention` if it has an edit (sdpa if not), hooks may then act on the output
+layer runs `lucid_kernels.edited_attention` if it has an edit (sdpa if not), hooks may then act on the output
 before o_proj, and for recorded layers the (edited) image-attention rows are read out. The mask function
 is transformers' `sdpa_mask`: registering an attention function without one silently drops the causal mask.
 """
@@ -18,7 +18,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kernels import attention_rows_reference, edited_attention
+from lucid_kernels import attention_rows_reference, edited_attention
 from mitigation.seam.context import current
 from mitigation.seam.hooks import AttentionCall
 

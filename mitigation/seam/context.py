@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kernels.reference import AttentionEdit
+from lucid_kernels.reference import AttentionEdit
 from mitigation.seam.hooks import Hook, edit_rows
 from mitigation.seam.plan import Plan, compile_edits
 from mitigation.seam.recorder import AttentionRecorder

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kernels.reference import AttentionEdit
+from lucid_kernels.reference import AttentionEdit
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from types import MappingProxyType
 
 import torch
 
-from kernels.reference import AttentionEdit, KeyEdit
+from lucid_kernels.reference import AttentionEdit, KeyEdit
 
 PerHead = float | tuple[float, ...]
 

@@ -371,6 +371,10 @@ def _check_names(methods: Sequence[Method]) -> None:
         if m.name in seen:
             raise CompositionError(f"{m.name} is given twice; give each method once (with the parameters wanted)")
         seen.add(m.name)
+    own = [m for m in methods if getattr(m, "own_prefill", False)]
+    for m in methods:
+        if own and m is not own[0] and not getattr(m, "logits_only", False):
+            raise _prefill_conflict(own[0].name, m.name)
     looking = [m.name for m in methods if getattr(m, "looks_again", False)]
     if len(looking) > 1:
         raise CompositionError(
@@ -458,9 +462,14 @@ def _check_prefill(contributions: Sequence[tuple[Method, Contribution]]) -> Pref
         raise CompositionError(f"{owner.name} and {more[0][0].name} each run their own prefill; use one of them")
     for m, c in contributions:
         if m is not owner and (c.hook is not None or c.plan.edits):
-            raise CompositionError(
-                f"{owner.name} and {m.name} cannot be combined: {owner.name} removes the image tokens from the "
-                f"computation after its exit layer, and {m.name} edits attention at positions of the full prompt "
-                f"in every layer; use {m.name} alone, or {owner.name} with logits-only methods (e.g. vcd)"
-            )
+            raise _prefill_conflict(owner.name, m.name)
     return own.prefill
+
+
+def _prefill_conflict(owner: str, other: str) -> CompositionError:
+    """Methods that run their own prefill (`own_prefill`, e.g. DyVTE) compose only with `logits_only` ones."""
+    return CompositionError(
+        f"{owner} and {other} cannot be combined: {owner} removes the image tokens from the computation after "
+        f"its exit layer, and {other} edits attention at positions of the full prompt in every layer; use "
+        f"{other} alone, or {owner} with logits-only methods (e.g. vcd)"
+    )

@@ -1,7 +1,7 @@
 """Backend choice for the edited attention: explicit, logged once, overridable.
 
 `LUCID_KERNELS=reference` forces the torch reference; `triton` demands the fused Triton kernel
-(`kernels.triton_attention`; an error if it cannot run the call; on CPU it needs TRITON_INTERPRET=1, the
+(`lucid_kernels.triton_attention`; an error if it cannot run the call; on CPU it needs TRITON_INTERPRET=1, the
 tests' way); `auto` (default) uses Triton on CUDA and the reference on CPU, logging the reason once.
 """
 
@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from kernels.reference import AttentionEdit, Rows, edited_attention_reference
+from lucid_kernels.reference import AttentionEdit, Rows, edited_attention_reference
 
 log = logging.getLogger(__name__)
 _BACKENDS = ("auto", "reference", "triton")
@@ -38,13 +38,13 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _triton_verifier(
     query: torch.Tensor, want: str = "auto", key: torch.Tensor | None = None, value: torch.Tensor | None = None
 ) -> tuple[bool, str]:
-    """Whether the fused kernel (`kernels.triton_attention`) can serve a call on `query` (and `key` /
+    """Whether the fused kernel (`lucid_kernels.triton_attention`) can serve a call on `query` (and `key` /
     `value` when given), and why not. CPU tensors only when Triton is asked for explicitly and its
     interpreter is on (TRITON_INTERPRET=1, the tests' way)."""
     if not (query.is_cuda or want == "triton"):
         return False, "CPU tensors: the torch reference serves them (Triton needs CUDA or its slow interpreter)"
     try:
-        from kernels.triton_attention import HAVE_TRITON, interpreting
+        from lucid_kernels.triton_attention import HAVE_TRITON, interpreting
     except Exception as e:  # pragma: no cover
         return False, f"the Triton kernel does not import: {e}"
     if not HAVE_TRITON:
@@ -87,9 +87,9 @@ def edited_attention(
     record_index: torch.Tensor | None = None,
     record_rows: Rows = "all",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Edited attention; see `kernels.reference.edited_attention_reference` for the contract."""
+    """Edited attention; see `lucid_kernels.reference.edited_attention_reference` for the contract."""
     if backend_for(query, key, value) == "triton":
-        from kernels.triton_attention import edited_attention_triton
+        from lucid_kernels.triton_attention import edited_attention_triton
 
         return edited_attention_triton(query, key, value, mask, scale, edit, record_index, record_rows)
     return edited_attention_reference(query, key, value, mask, scale, edit, record_index, record_rows)

@@ -1,4 +1,4 @@
-"""Fused Triton kernel for Lucid's edited attention: the contract of `kernels.reference`, flash style.
+"""Fused Triton kernel for Lucid's edited attention: the contract of `lucid_kernels.reference`, flash style.
 
 One kernel serves prefill and KV-cache decode (a decode step is one query row): per (batch, head) and
 block of query rows it streams the key blocks with an online softmax and never holds the [Tq, Tk]
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.reference import AttentionEdit, Rows, allowed_keys, pad_keys, repeat_kv, select_rows
+from lucid_kernels.reference import AttentionEdit, Rows, allowed_keys, pad_keys, repeat_kv, select_rows
 
 try:
     import triton
@@ -328,7 +328,7 @@ def edited_attention_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`kernels.reference.edited_attention_reference`, fused: same arguments, same results (output
+    """`lucid_kernels.reference.edited_attention_reference`, fused: same arguments, same results (output
     [B, Tq, H, D] in the query's dtype, read-out [B, H, Tq_sel, N] fp32 or None). The keyword-only
     arguments override `default_config`."""
     if not HAVE_TRITON:

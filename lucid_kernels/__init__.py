@@ -4,8 +4,8 @@
 `dispatch.py` (`LUCID_KERNELS=reference|triton|auto`).
 """
 
-from kernels.dispatch import backend_for, edited_attention
-from kernels.reference import (
+from lucid_kernels.dispatch import backend_for, edited_attention
+from lucid_kernels.reference import (
     AttentionEdit,
     KeyEdit,
     Redistribution,
