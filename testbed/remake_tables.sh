@@ -6,7 +6,7 @@
 # MODEL: `testbed` (the embedded checkpoint) or a llava-hf directory trained by `lucid testbed train`.
 # OUT:   where each table's JSON / report goes (created). `quick` shrinks every size (a smoke run, not a table).
 # Each step is a documented command (docs/testbed.md, docs/grounding.md, docs/evals.md); they run one after
-# the other (the machine has 2 cores) and a step's output is kept when a later one fails. About 1 h 30 min
+# the other (the machine has 2 cores) and a step's output is kept when a later one fails. About 1 h 45 min
 # on the 2-core machine for the full sizes.
 set -euo pipefail
 MODEL=${1:?usage: remake_tables.sh MODEL OUT [quick]}
@@ -15,7 +15,7 @@ QUICK=${3:-}
 LUCID=${LUCID:-lucid}
 PY=${PY:-python}
 mkdir -p "$OUT"
-if [[ $QUICK == quick ]]; then N=12 NEVAL=12 NCAL=20 NFOREIGN=6 NTABLE=6; else N=300 NEVAL=200 NCAL=150 NFOREIGN=150 NTABLE=200; fi
+if [[ $QUICK == quick ]]; then N=12 NEVAL=12 NCAL=20 NFOREIGN=6 NTABLE=6 NDYVTE=16; else N=300 NEVAL=200 NCAL=150 NFOREIGN=150 NTABLE=200 NDYVTE=512; fi
 step() { echo "== $(date -u +%H:%M:%S) $1" >&2; }
 
 step "foundation: POPE splits, colour / count, captions (short and detailed), CHAIR (docs/testbed.md)"
@@ -56,5 +56,15 @@ $LUCID eval --model "$MODEL" --workers 0 --batch-size 16 \
   --method carve:attention=heads,suffix=false --method magnifier --method magnifier:preset=paper \
   --method magnifier:tokens=image --method magnifier:region=component \
   --method magnifier:region=component,tokens=image --out "$OUT/look-closer"
+
+step "DyVTE: labels, calibration and routers for these weights, then every rule and the static layer sweep (docs/methods.md)"
+# (written to Lucid's cache for these weights; weights that ship theirs beside them, the embedded ones, use those)
+$LUCID dyvte fit --model "$MODEL" --n "$NDYVTE" --hidden 256 > /dev/null
+$LUCID eval --model "$MODEL" --workers 0 --batch-size 16 \
+  --suite "testbed-pope:n=$NTABLE" --suite "testbed-qa:n=$NTABLE" --suite "testbed-chair:n=$NTABLE" \
+  --method dyvte --method dyvte:safe=agreement --method dyvte:rule=attention \
+  --method dyvte:rule=attention,safe=agreement --method dyvte:rule=static,safe=agreement \
+  --method dyvte:layer=0 --method dyvte:layer=1 --method dyvte:layer=2 --method dyvte:layer=3 --method dyvte:layer=4 \
+  --out "$OUT/dyvte"
 
 step "done: $OUT"

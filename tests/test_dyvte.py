@@ -157,6 +157,9 @@ def test_batch_rows_equal_batch_size_one(testbed_vlm, batch, spec):
             torch.tensor(g.token_logprobs), torch.tensor(solo[0].token_logprobs), rtol=0, atol=1e-4
         )
         assert g.extras["dyvte"].exit_layer == solo[0].extras["dyvte"].exit_layer
+        # what the row's own exit saves alone is what the solo run saved, whatever the batch saved
+        assert g.extras["dyvte"].saved_alone == pytest.approx(solo[0].extras["dyvte"].saved, abs=1e-9)
+        assert solo[0].extras["dyvte"].saved_alone == pytest.approx(solo[0].extras["dyvte"].saved, abs=1e-9)
 
 
 def test_static_exit_saves_what_the_shapes_say(testbed_vlm, batch):

@@ -210,9 +210,10 @@ def test_a_methods_prefill_savings_reach_the_report(tmp_path):
         assert "prefill" not in by_model["testbed"]["baseline"]
         p = by_model["testbed"][label]["prefill"]
         assert p["exit_layers"] == {"2": p["n"]} and 0.3 < p["min"] <= p["flops_saved"] <= p["max"] < 0.6, task
+        assert p["flops_saved_alone"] >= p["flops_saved"]  # a row alone has no padding to carry
     assert sum(p["n"] for by in res["results"].values() for p in [by["testbed"][label]["prefill"]]) == len(saved)
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "## Prefill FLOPs saved" in report and f"`{label}` |" in report
+    assert "## Prefill FLOPs saved" in report and f"`{label}` |" in report and "saved at batch size 1" in report
 
 
 def lucid(*args, timeout=120):

@@ -11,6 +11,9 @@ Paths compared on the same inputs, greedy, a fixed number of decode steps (EOS i
   single-pass part), and one composition, through `generate`; the
   methods' preparatory work (VHR's image-free stream, PAI's guidance stream, the fix's vision-tower pass)
   counts in their prefill;
+* `method:dyvte`: DyVTE at its defaults (the routers; a model without fitted ones reports why it did not run);
+* `method:dyvte:layer=half`: DyVTE's static exit after the middle decoder layer; its row also gives the
+  prefill decoder FLOPs the exit saved (counted from the shapes run) beside the prefill time it saved;
 * `eager+attn`: the way the official method repos run: eager attention, `output_attentions=True`, every
   step's full attention matrices kept (a bare prefill + decode loop, no Lucid: if anything this favours it).
 
@@ -55,6 +58,10 @@ METHOD_SPECS = {
     "method:carve+vhr": "carve+vhr",
     "method:magnifier": "magnifier",
     "method:magnifier:tokens=image": "magnifier:tokens=image",
+    "method:dyvte": "dyvte",  # the routers (testbed: a description, which they do not let exit: their overhead)
+    # DyVTE's static rule with the image tokens leaving after the middle layer ({half} = layers // 2 - 1):
+    # the second half of the decoder runs without them (the paper's LLaVA-1.5 exit sits about there)
+    "method:dyvte:layer=half": "dyvte:layer={half}",
 }
 PATHS = BASE_PATHS + tuple(METHOD_SPECS)
 
@@ -175,8 +182,19 @@ def _bench_vlm(model_name: str, layers: int | None, dev, dtype):
     return vlm, inputs
 
 
+def _method_spec(vlm, path: str) -> str:
+    """The registry spec a method path runs on `vlm` (`{half}`: the middle decoder layer)."""
+    return METHOD_SPECS[path].format(half=vlm.model.config.text_config.num_hidden_layers // 2 - 1)
+
+
 def _run_path(vlm, inputs, path: str, steps: int) -> tuple[float, list[float]]:
     """One prefill + `steps` decode steps on `path`: (prefill seconds, per-step decode seconds)."""
+    prefill, decode, _ = _run_path_records(vlm, inputs, path, steps)
+    return prefill, decode
+
+
+def _run_path_records(vlm, inputs, path: str, steps: int) -> tuple[float, list[float], dict]:
+    """`_run_path` and the methods' records of the row (`Generation.extra_records()`; {} off the methods)."""
     import torch
     from transformers import DynamicCache
 
@@ -213,7 +231,7 @@ def _run_path(vlm, inputs, path: str, steps: int) -> tuple[float, list[float]]:
                 kept.append(out.attentions)
                 _sync(vlm.device)
                 decode.append(time.perf_counter() - t)
-        return prefill, decode
+        return prefill, decode, {}
     _set_attention(model, "sdpa" if path == "sdpa" else mitigation.ATTN_IMPLEMENTATION)
     recorder, methods = None, ()
     if path == "lucid-record":
@@ -221,11 +239,11 @@ def _run_path(vlm, inputs, path: str, steps: int) -> tuple[float, list[float]]:
     elif path == "lucid-risk":
         recorder = mitigation.AttentionRecorder(layers=None, prefill_rows="all", reduce_heads="mean")
     elif path in METHOD_SPECS:
-        methods = parse_methods(METHOD_SPECS[path].split("+"))
+        methods = parse_methods(_method_spec(vlm, path).split("+"))
     gen = generate(vlm, inputs, SamplingParams(max_new_tokens=steps, ignore_eos=True), recorder=recorder,
                    methods=methods)[0]  # fmt: skip
     t = gen.timings
-    return t.prepare_s + t.prefill_s, list(t.decode_s)
+    return t.prepare_s + t.prefill_s, list(t.decode_s), gen.extra_records()
 
 
 def _sync(dev) -> None:
@@ -235,7 +253,19 @@ def _sync(dev) -> None:
         torch.cuda.synchronize()
 
 
-def _timing_worker(model_name: str, steps: int, rounds: int, layers: int | None, device: str | None) -> dict:
+def check_paths(paths: list[str] | None) -> tuple[str, ...]:
+    """The paths a run times: all (None), or `sdpa` (every ratio's reference) and the named ones in PATHS'
+    order; an unknown name is a ValueError listing the valid ones."""
+    if not paths:
+        return PATHS
+    bad = [p for p in paths if p not in PATHS]
+    if bad:
+        raise ValueError(f"unknown bench path {', '.join(bad)}; valid: {', '.join(PATHS)}")
+    return tuple(p for p in PATHS if p == "sdpa" or p in paths)
+
+
+def _timing_worker(model_name: str, steps: int, rounds: int, layers: int | None, device: str | None,
+                   paths: tuple[str, ...] = PATHS) -> dict:  # fmt: skip
     """Every path, interleaved over `rounds` (see the module doc); raw per-round numbers."""
     import numpy as np
     import torch
@@ -246,19 +276,22 @@ def _timing_worker(model_name: str, steps: int, rounds: int, layers: int | None,
     dev, dtype = default_device_dtype(device, None)
     vlm, inputs = _bench_vlm(model_name, layers, dev, dtype)
     errors: dict[str, str] = {}
-    for path in PATHS:  # warm-up, and find the paths that cannot run here (reported, not dropped silently)
+    flops_saved: dict[str, float] = {}  # paths whose method counts the prefill FLOPs it saved (dyvte)
+    for path in paths:  # warm-up, and find the paths that cannot run here (reported, not dropped silently)
         try:
-            _run_path(vlm, inputs, path, 2)
+            _, _, records = _run_path_records(vlm, inputs, path, 2)
+            if "flops_saved" in records.get("dyvte", {}):
+                flops_saved[path] = records["dyvte"]["flops_saved"]
         except Exception as e:  # noqa: BLE001 - a bench row says why it is missing
             errors[path] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    paths = [p for p in PATHS if p not in errors]
-    prefill = {p: [] for p in paths}
-    decode = {p: [] for p in paths}
-    peak = {p: 0.0 for p in paths}
+    ran = [p for p in paths if p not in errors]
+    prefill = {p: [] for p in ran}
+    decode = {p: [] for p in ran}
+    peak = {p: 0.0 for p in ran}
     rng = np.random.default_rng(0)
     for _ in range(rounds):
-        for i in rng.permutation(len(paths)):
-            p = paths[i]
+        for i in rng.permutation(len(ran)):
+            p = ran[i]
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
@@ -267,8 +300,9 @@ def _timing_worker(model_name: str, steps: int, rounds: int, layers: int | None,
                 peak[p] = max(peak[p], (torch.cuda.max_memory_allocated() - base) / 2**20)
             prefill[p].append(pf)
             decode[p].append(statistics.median(dc))
-    return {"model": model_name, "steps": steps, "prefill": prefill, "decode": decode,
+    return {"model": model_name, "steps": steps, "paths": list(paths), "prefill": prefill, "decode": decode,
             "peak_mib": peak if dev.type == "cuda" else {}, "errors": errors, "device": str(dev),
+            "flops_saved": flops_saved,
             "dtype": str(dtype).replace("torch.", ""),
             "image_tokens": int((inputs.input_ids == vlm.image_token_id).sum())}  # fmt: skip
 
@@ -300,7 +334,7 @@ def _subprocess(args: list[str], device: str | None) -> dict | float:
 def summarise(raw: dict, memory: dict[str, float]) -> list[dict]:
     """Rows per path: medians and paired ratios to sdpa with intervals."""
     rows = []
-    for p in PATHS:
+    for p in raw.get("paths", PATHS):
         if p in raw["errors"]:
             rows.append({"model": raw["model"], "path": p, "error": raw["errors"][p]})
             continue
@@ -318,6 +352,10 @@ def summarise(raw: dict, memory: dict[str, float]) -> list[dict]:
             "prefill_ratio": bootstrap_median(pre_r), "decode_ratio": bootstrap_median(dec_r),
             "peak_mib": raw["peak_mib"].get(p, memory.get(p, float("nan"))),
         })  # fmt: skip
+        if p in raw.get("flops_saved", {}):  # prefill time saved over prefill FLOPs saved, per round
+            saved = raw["flops_saved"][p]
+            rows[-1]["flops_saved"] = saved
+            rows[-1]["time_per_flops_saved"] = bootstrap_median([(1 - r) / saved for r in pre_r]) if saved else None
     return rows
 
 
@@ -349,30 +387,34 @@ def bench_specs(quick: bool = False) -> list[BenchModel]:
     return specs
 
 
-def run_bench(out: str | Path | None, quick: bool = False, device: str | None = None) -> list[dict]:
-    """Time every path of every model interleaved (one process per model), measure CPU memory per path in
-    its own process, and write the Markdown table to `out` (None: write nothing). Progress goes to stderr."""
+def run_bench(out: str | Path | None, quick: bool = False, device: str | None = None,
+              paths: list[str] | None = None) -> list[dict]:  # fmt: skip
+    """Time every path (or `sdpa` and `paths`, `check_paths`) of every model interleaved (one process per
+    model), measure CPU memory per path in its own process, and write the Markdown table to `out` (None: write
+    nothing). Progress goes to stderr."""
     from rich.console import Console
 
     from vlm.contract import write_output
 
     console = Console(stderr=True)
     specs = bench_specs(quick)
+    chosen = check_paths(paths)
     rows = []
     for spec in specs:
         layers = str(spec.layers or 0)
-        console.print(f"bench: {spec.name}: {len(PATHS)} paths x {spec.reps} interleaved rounds")
-        raw = _subprocess(["--timing", spec.name, str(spec.steps), str(spec.reps), layers], device)
+        console.print(f"bench: {spec.name}: {len(chosen)} paths x {spec.reps} interleaved rounds")
+        raw = _subprocess(["--timing", spec.name, str(spec.steps), str(spec.reps), layers, ",".join(chosen)], device)
         memory: dict[str, float] = {}
         if not raw["peak_mib"] and not quick:  # CPU: one fresh process per path (skipped by the smoke run)
-            for p in PATHS:
+            for p in chosen:
                 if p not in raw["errors"]:
                     console.print(f"bench: {spec.name}: memory of {p}")
                     memory[p] = _subprocess(["--memory", spec.name, p, str(spec.steps), layers], device)
         rows += summarise(raw, memory)
     if out is not None:
         old = Path(out).read_text(encoding="utf-8") if Path(out).is_file() else None
-        write_output(out, keep_other_sections(render_markdown(rows, specs, quick), old))
+        subset = chosen != PATHS
+        write_output(out, keep_other_sections(render_markdown(rows, specs, quick, subset), old, subset))
     return rows
 
 
@@ -380,13 +422,22 @@ def run_bench(out: str | Path | None, quick: bool = False, device: str | None = 
 OWN_SECTIONS = ("testbed", "llava15-shaped")
 
 
-def keep_other_sections(text: str, existing: str | None) -> str:
+def _section_key(heading: str) -> str:
+    """A section's title: its heading before the last colon (titles hold path names, which hold colons)."""
+    return heading.rsplit(":", 1)[0]
+
+
+def keep_other_sections(text: str, existing: str | None, subset: bool = False) -> str:
     """`text` followed by the `## ` sections of `existing` that `lucid bench` does not write (e.g. the SAM
-    table of `python -m lucid.bench.sam`), so regenerating BENCHMARKS.md does not drop them."""
+    table of `python -m lucid.bench.sam`), so regenerating BENCHMARKS.md does not drop them. A run of every
+    path replaces all of its models' sections (subset ones included); a run of some paths (`subset`) replaces
+    only the sections with its own headings and keeps the full tables."""
+    written = {_section_key(line[3:]) for line in text.splitlines() if line.startswith("## ")}
     kept, keep = [], False
     for line in (existing or "").splitlines():
         if line.startswith("## "):
-            keep = not line[3:].startswith(OWN_SECTIONS)
+            heading = line[3:]
+            keep = _section_key(heading) not in written if subset else not heading.startswith(OWN_SECTIONS)
         elif line.startswith("# "):
             keep = False
         if keep:
@@ -402,7 +453,7 @@ def _ratio(r: tuple[float, float, float]) -> str:
     return f"{r[0]:.2f} [{r[1]:.2f}, {r[2]:.2f}]"
 
 
-def render_markdown(rows: list[dict], specs: list[BenchModel], quick: bool) -> str:
+def render_markdown(rows: list[dict], specs: list[BenchModel], quick: bool, subset: bool = False) -> str:
     lines = [
         "# Benchmarks",
         "",
@@ -416,7 +467,8 @@ def render_markdown(rows: list[dict], specs: list[BenchModel], quick: bool) -> s
         "`method:carve` asks about an image already seen, its general pass cached; `method:carve:first` a first "
         "question). `answer x sdpa`: prefill + every decode step, per round, over sdpa's. Peak MiB: memory a "
         "run needed above what was resident before it (CUDA: peak allocated; CPU: peak RSS of one run in a fresh "
-        "process, noisy at small sizes).",
+        "process, noisy at small sizes). A section whose heading lists paths was written by `lucid bench --path "
+        "P ...`: sdpa and those paths only, timed the same way.",
         "",
     ]
     for spec in specs:
@@ -424,6 +476,8 @@ def render_markdown(rows: list[dict], specs: list[BenchModel], quick: bool) -> s
         ok = [r for r in mine if "error" not in r]
         base = next(r for r in ok if r["path"] == "sdpa")
         title = spec.name if spec.layers is None else f"{spec.name} ({spec.layers} text layers, random weights)"
+        if subset:  # `lucid bench --path ...`: its own section beside the full table
+            title += ", " + " vs ".join(r["path"] for r in mine)
         lines += [
             f"## {title}: prefill + {spec.steps} decode steps, {spec.reps} rounds, {base['device']} {base['dtype']}",
             "",
@@ -440,13 +494,23 @@ def render_markdown(rows: list[dict], specs: list[BenchModel], quick: bool) -> s
                 f"{_ratio(r['decode_ratio'])} | {_ratio(r['answer_ratio'])} | {_mib(r['peak_mib'])} |"
             )
         lines.append("")
+        for r in ok:
+            if r.get("time_per_flops_saved"):
+                lines += [
+                    f"`{r['path']}` (`{r['path'].removeprefix('method:')}` with half = layers // 2 - 1) saved "
+                    f"{100 * r['flops_saved']:.1f} % of the prefill decoder FLOPs (counted from the shapes run); the "
+                    f"prefill time it saved over that share: {_ratio(r['time_per_flops_saved'])} (1.00: time "
+                    f"falls as the FLOPs do).",
+                    "",
+                ]
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--timing":
-        name, steps, rounds, layers, device = sys.argv[2:7]
-        print(json.dumps(_timing_worker(name, int(steps), int(rounds), int(layers) or None, device or None)))
+        name, steps, rounds, layers, chosen, device = sys.argv[2:8]
+        paths = tuple(chosen.split(","))
+        print(json.dumps(_timing_worker(name, int(steps), int(rounds), int(layers) or None, device or None, paths)))
     elif len(sys.argv) > 1 and sys.argv[1] == "--memory":
         name, path, steps, layers, device = sys.argv[2:7]
         print(json.dumps(_memory_worker(name, path, int(steps), int(layers) or None, device or None)))

@@ -25,7 +25,9 @@ class ExitView:
         rule: the decision rule; exit_layer: the layer after which the row's image tokens left (None: never);
         removed_after: the layer after which the batch stopped computing them (None: never; later than
         exit_layer where rows of one batch exit at different layers); saved: the share of the row's prefill
-        decoder FLOPs saved as run (`vlm.exit.decoder_flops` of the shapes run against the full prefill's).
+        decoder FLOPs saved as run (`vlm.exit.decoder_flops` of the shapes run against the full prefill's);
+        saved_alone: what the row's own exit saves at batch size 1 (its unpadded prompt alone). A batch saves
+        compute only from its last row's exit, while each row's answer is that of its own exit.
     """
 
     def __init__(self, rule: str) -> None:
@@ -33,6 +35,7 @@ class ExitView:
         self.exit_layer: int | None = None
         self.removed_after: int | None = None
         self.saved = 0.0
+        self.saved_alone = 0.0
         self.flops = 0
         self.full_flops = 0
         self.tokens: tuple[int, ...] = ()
@@ -45,6 +48,7 @@ class ExitView:
             "prefill_flops": self.flops,
             "full_prefill_flops": self.full_flops,
             "flops_saved": round(self.saved, 4),
+            "flops_saved_alone": round(self.saved_alone, 4),
             "tokens_per_layer": list(self.tokens),
         }
 
@@ -198,6 +202,7 @@ class DyVTE(Method):
             hook.trace = trace
             full = decoder_flops(cfg, (trace.prompt_length,) * ctx.n_layers)
             ran = decoder_flops(cfg, trace.tokens)
+            mask = model_kwargs.get("attention_mask")
             for b, view in enumerate(views):
                 if isinstance(view, ExitView):
                     e = int(trace.exit_layer[b])
@@ -205,6 +210,8 @@ class DyVTE(Method):
                     view.removed_after = trace.removed_after
                     view.flops, view.full_flops, view.tokens = ran, full, trace.tokens
                     view.saved = 1 - ran / full
+                    length = int(mask[b].sum()) if mask is not None else trace.prompt_length
+                    view.saved_alone = saved_share(cfg, length, trace.drop.shape[1], e, ctx.n_layers)
             return logits
 
         return Contribution(hook=hook, prefill=run)
