@@ -428,11 +428,31 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
                 check_question(req.query)
             except InputError as e:
                 raise ApiError(400, str(e), param="query") from None
-            t = time.perf_counter()
-            located = await backend.locate(image, [req.query])
-            out = await backend.segment_located(image, located, req.prompt)
-            out["timings"]["locate_s"] = located[0]["locate_s"] if located else 0.0
-            out["heads"] = located[0]["heads"] if located else []
+            if req.method != "heads":
+                from grounding.read import parse_read
+
+                try:
+                    if req.method.partition(":")[0].strip() != "read":
+                        raise ValueError(f"method must be 'heads' or 'read[:k=v,...]', got {req.method!r}")
+                    parse_read(req.method)
+                except ValueError as e:
+                    raise ApiError(400, str(e), param="method") from None
+                if req.prompt != "point":
+                    raise ApiError(400, "prompt belongs to method 'heads', not read", param="prompt")
+                t = time.perf_counter()
+                try:
+                    located = await backend.read(image, [req.query], req.method)
+                except ValueError as e:  # a layer outside the model, no seg token
+                    raise ApiError(400, str(e), param="method") from None
+                out = await backend.segment_located(image, located, "read")
+                out["timings"]["read_s"] = located[0]["read_s"]
+                out["read"] = {k: located[0][k] for k in ("token", "layer", "positions", "map")}
+            else:
+                t = time.perf_counter()
+                located = await backend.locate(image, [req.query])
+                out = await backend.segment_located(image, located, req.prompt)
+                out["timings"]["locate_s"] = located[0]["locate_s"] if located else 0.0
+                out["heads"] = located[0]["heads"] if located else []
         out["image_size"] = [w, h]
         out["timings"]["wall_s"] = round(time.perf_counter() - t, 6)
         return out

@@ -61,6 +61,9 @@ class VLMServer:
     async def locate(self, image, queries: list[str]) -> list[dict]:
         return await self.runner.locate(image, queries)
 
+    async def read(self, image, queries: list[str], method: str) -> list[dict]:
+        return await self.runner.read(image, queries, method)
+
 
 @serve.deployment(**_FAST_SHUTDOWN)
 class SamServer:
@@ -97,6 +100,9 @@ class ServeBackend:
 
     async def locate(self, image, queries: list[str]) -> list[dict]:
         return await self.vlm.locate.remote(image, queries)
+
+    async def read(self, image, queries: list[str], method: str) -> list[dict]:
+        return await self.vlm.read.remote(image, queries, method)
 
     async def segment(self, image, points: list, boxes: list) -> dict:
         return await self.sam.segment.remote(image, points, boxes)

@@ -260,6 +260,23 @@ class Engine:
         with self.lock:
             return self._locate(image, queries)
 
+    def read(self, image: np.ndarray, queries: list[str], method: str) -> list[dict]:
+        """READ's similarity-as-points (`grounding.read`; `method` = 'read[:k=v,...]') per query: the points
+        for SAM (`sam_input`, unrounded) beside the map, token and layer."""
+        from grounding.read import parse_read, read_batch, read_prompt
+
+        params = parse_read(method)
+        with self.lock:
+            t = time.perf_counter()
+            results = read_batch(self.vlm, [image] * len(queries), queries, params)
+            dt = (time.perf_counter() - t) / max(1, len(queries))
+        out = []
+        for r in results:
+            p = read_prompt(r, params)
+            sam_input = {"points": [list(xy) for xy in p.points], "labels": list(p.labels), "multimask": p.multimask}
+            out.append({**r.to_json(), "sam_input": sam_input, "read_s": round(dt, 6)})
+        return out
+
 
 def _location_json(loc, locate_s: float) -> dict:
     d = loc.to_json()

@@ -61,6 +61,9 @@ class VlmRunner:
     async def locate(self, image: np.ndarray, queries: list[str]) -> list[dict]:
         return await asyncio.to_thread(self.engine.locate, image, queries)
 
+    async def read(self, image: np.ndarray, queries: list[str], method: str) -> list[dict]:
+        return await asyncio.to_thread(self.engine.read, image, queries, method)
+
     def stream_sync(self, job: ChatJob) -> Iterator[dict]:
         """{"delta": text} events as the answer is generated, then {"result": dict} (or {"error": ...})."""
         q: queue.Queue = queue.Queue()
@@ -111,18 +114,35 @@ class SamRunner:
         return {"objects": [o.to_json() for o in objects], "timings": _round(timings)}
 
     def _located(self, image: np.ndarray, located: list[dict], how: str) -> dict:
+        from grounding.sam import SamPrompt
         from grounding.segment import located_prompt, segmented_object
 
         h, w = image.shape[:2]
-        prompts = [located_prompt(loc["sam_input"]["point"], loc["sam_input"]["box"], (w, h), how) for loc in located]
+        if how == "read":  # READ's points (engine.read)
+            prompts = [
+                SamPrompt(
+                    tuple(tuple(xy) for xy in loc["sam_input"]["points"]),
+                    tuple(loc["sam_input"]["labels"]),
+                    multimask=loc["sam_input"]["multimask"],
+                )
+                for loc in located
+            ]
+        else:
+            prompts = [
+                located_prompt(loc["sam_input"]["point"], loc["sam_input"]["box"], (w, h), how) for loc in located
+            ]
         with self.lock:
             t = time.perf_counter()
             results = self.segmenter.segment(image, prompts) if prompts else []
             timings = {"sam_s": time.perf_counter() - t, **{f"sam_{k}_s": v for k, v in self.segmenter.timings.items()}}
         objects = []
         for loc, p, r in zip(located, prompts, results):
-            d = segmented_object(loc["query"], p, r, "attention").to_json()
-            d["location"] = {k: loc[k] for k in ("box", "point", "score", "heads")}
+            if how == "read":
+                d = segmented_object(loc["query"], p, r, "read").to_json()
+                d["read"] = {k: loc[k] for k in ("token", "layer", "positions", "points")}
+            else:
+                d = segmented_object(loc["query"], p, r, "attention").to_json()
+                d["location"] = {k: loc[k] for k in ("box", "point", "score", "heads")}
             objects.append(d)
         return {"objects": objects, "timings": _round(timings)}
 
@@ -162,6 +182,9 @@ class LocalBackend:
 
     async def locate(self, image: np.ndarray, queries: list[str]) -> list[dict]:
         return await self.vlm.locate(image, queries)
+
+    async def read(self, image: np.ndarray, queries: list[str], method: str) -> list[dict]:
+        return await self.vlm.read(image, queries, method)
 
     async def segment(self, image: np.ndarray, points: list, boxes: list) -> dict:
         return await self.sam.segment(image, points, boxes)

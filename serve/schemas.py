@@ -97,6 +97,9 @@ class SegmentRequest(BaseModel):
     points: list[tuple[float, float, int]] = Field(default_factory=list, description="[[x, y, 1|0], ...] pixels")
     boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, description="[[x0, y0, x1, y1]]")
     prompt: Literal["point", "box", "point_box"] = Field("point", description="what a located query gives SAM")
+    method: str = Field(
+        "heads", min_length=1, description="how a query becomes SAM prompts: 'heads' or 'read[:k=v,...]' (READ's SasP)"
+    )
 
     @field_validator("points")
     @classmethod

@@ -63,6 +63,13 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
         sam: Annotated[str, typer.Option(help=SAM_HELP)] = "testbed",
         heads: Annotated[str, typer.Option(help="Localization heads: 'auto' or L:H,L:H (text queries).")] = "auto",
         prompt: Annotated[str, typer.Option(help="What attention gives SAM: point, box or point_box.")] = "point",
+        method: Annotated[
+            str,
+            typer.Option(
+                help="How a text QUERY becomes SAM prompts: 'heads' (localization heads' peak) or READ's "
+                "similarity-as-points 'read[:k=v,...]' (e.g. read:token=last,layer=3; docs/grounding.md)."
+            ),
+        ] = "heads",
         out: Annotated[Path | None, typer.Option(help="Write the masks (and map) over the image as PNG.")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of lines.")] = False,
     ) -> None:
@@ -85,6 +92,20 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
             raise InputError("nothing to segment: give a text QUERY, or --point X,Y and/or --box X0,Y0,X1,Y1")
         if prompt not in ATTENTION_PROMPTS:
             raise InputError(f"--prompt must be one of {', '.join(ATTENTION_PROMPTS)}, got {prompt!r}")
+        read = None
+        if method != "heads":
+            from grounding.read import parse_read
+
+            if method.partition(":")[0].strip() != "read":
+                raise InputError(f"--method must be 'heads' or 'read[:k=v,...]', got {method!r}")
+            try:
+                read = parse_read(method)
+            except ValueError as e:
+                raise InputError(f"--method {e}") from None
+            if query is None:
+                raise InputError("--method read needs a text QUERY")
+            if heads != "auto" or prompt != "point":
+                raise InputError("--heads and --prompt belong to --method heads, not read")
         explicit = None
         if heads != "auto":
             from grounding.heads import parse_heads
@@ -98,7 +119,16 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
         if query is not None:
             from vlm.checkpoint import inspect_checkpoint
 
-            inspect_checkpoint(model)
+            info = inspect_checkpoint(model)
+            if read is not None:  # the layer against config.json, before any model loads
+                from grounding.read import check_layer
+
+                text = json.loads((info.path / "config.json").read_text()).get("text_config") or {}
+                if isinstance(text.get("num_hidden_layers"), int):
+                    try:
+                        check_layer(read.layer, text["num_hidden_layers"])
+                    except ValueError as e:
+                        raise InputError(f"--method read: {e}") from None
         pil = load_image(image)
         w, h = pil.size
         if len(boxes) > 1 and points:
@@ -122,6 +152,17 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
                 objects = segment_prompts(segmenter, pil, points, boxes)
                 timings["sam_s"] = time.perf_counter() - t1
                 timings.update({f"sam_{k}_s": v for k, v in segmenter.timings.items()})
+            elif read is not None:
+                from grounding.read import segment_read
+
+                t1 = time.perf_counter()
+                vlm = load_model(model)
+                timings["load_model_s"] = time.perf_counter() - t1
+                try:
+                    objects, more = segment_read(vlm, segmenter, pil, [query], read)
+                except ValueError as e:  # a layer outside the model, no seg token in the tokenizer or answer
+                    raise InputError(f"--method read: {e}") from None
+                timings.update(more)
             else:
                 from grounding import load_or_discover
 
@@ -140,7 +181,11 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
             "sam": segmenter.source,
             "timings": {k: round(v, 4) for k, v in timings.items()},
         }
-        if query is not None:
+        if read is not None:
+            from dataclasses import asdict
+
+            payload["read"] = {"params": asdict(read), **objects[0].location.to_json()}
+        elif query is not None:
             payload["heads"] = [[int(a), int(b)] for a, b in objects[0].location.heads]
         if as_json:
             typer.echo(json.dumps(payload))
@@ -187,7 +232,11 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
         attention: Annotated[
             bool, typer.Option(help="Also score text query -> attention -> SAM (loads the VLM).")
         ] = False,
-        model: Annotated[str, typer.Option(help="The VLM for --attention.")] = "testbed",
+        read: Annotated[
+            list[str] | None,
+            typer.Option("--read", help="Also score READ's SasP with this spec (repeatable; loads the VLM)."),
+        ] = None,
+        model: Annotated[str, typer.Option(help="The VLM for --attention / --read.")] = "testbed",
         threads: Annotated[int, typer.Option(min=1, max=64, help="torch threads.")] = 2,
         out: Annotated[
             Path | None, typer.Option(help="Also write the metrics JSON here (.json; - = stdout only).")
@@ -201,7 +250,17 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
         check_seed(seed, "--seed")
         path = checked_output(out, (".json",), "metrics", stdout_ok=True)
         check_sam_spec(sam)
-        if attention:
+        if read:
+            from grounding.read import parse_read
+
+            for spec in read:
+                try:
+                    if spec.partition(":")[0].strip() != "read":
+                        raise ValueError(f"must be 'read[:k=v,...]', got {spec!r}")
+                    parse_read(spec)
+                except ValueError as e:
+                    raise InputError(f"--read {e}") from None
+        if attention or read:
             from vlm.checkpoint import inspect_checkpoint
 
             inspect_checkpoint(model)
@@ -220,6 +279,12 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
 
                 vlm = load_model(model)
                 metrics["attention"] = attention_to_sam(vlm, segmenter, load_or_discover(vlm))
+                metrics["model"] = vlm.name
+            if read:
+                from testbed.studies.sam_eval import read_to_sam
+
+                vlm = vlm if attention else load_model(model)
+                metrics["read"] = read_to_sam(vlm, segmenter, read)
                 metrics["model"] = vlm.name
         deliver(json.dumps(metrics, indent=1), path)
 

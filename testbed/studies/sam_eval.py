@@ -168,3 +168,66 @@ def attention_to_sam(
             row[how] = {"miou": round(float(v[:, 0].mean()), 4), "box_acc": round(float(v[:, 1].mean()), 4)}
         out[split] = row
     return out
+
+
+def read_to_sam(
+    vlm,
+    segmenter: Segmenter,
+    specs: Iterable[str] = ("read",),
+    seed: int = 12345,
+    n_scenes: int = 200,
+    n_foreign: int = 100,
+    progress: bool = True,
+) -> dict:
+    """`attention_to_sam`'s items and scores for READ's similarity-as-points (`grounding.read`), one entry
+    per spec ('read', 'read:token=last', ...): mask mIoU, box accuracy, the share of items whose first
+    positive point lies on the object ("pointing"), and the map's AUC (`_map_auc`)."""
+    from grounding.read import parse_read, read_batch, read_prompt
+    from testbed.studies.localization import eval_items
+
+    items = eval_items(seed, n_scenes, n_foreign)
+    out: dict = {"seed": seed, "n_scenes": n_scenes, "n_foreign": n_foreign}
+    batch = 16
+    for spec in specs:
+        params = parse_read(spec)
+        scores: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+        tokens = set()
+        for start in tqdm(range(0, len(items), batch), desc=spec, disable=not progress, mininterval=5):
+            chunk = items[start : start + batch]
+            results = read_batch(vlm, [it.image for it in chunk], [it.query for it in chunk], params)
+            for it, res in zip(chunk, results):
+                tokens.add(res.token)
+                prompt = read_prompt(res, params)
+                r = segmenter.segment(it.image, [prompt])[0]
+                first = prompt.points[prompt.labels.index(1)]
+                box_ok = float(box_iou(tuple(r.boxes()[r.best]), tuple(float(v) for v in it.bbox)) >= 0.5)
+                scores[it.split].append(
+                    (mask_iou(r.mask, it.mask), box_ok, float(on_mask(it.mask, first)), _map_auc(res, it.mask))
+                )
+        row = {"token": sorted(tokens), "params": params.changed()}
+        for split in sorted(scores):
+            v = np.array(scores[split])
+            row[split] = {
+                "items": len(v),
+                "miou": round(float(v[:, 0].mean()), 4),
+                "box_acc": round(float(v[:, 1].mean()), 4),
+                "pointing": round(float(v[:, 2].mean()), 4),
+                "map_auc": round(float(np.nanmean(v[:, 3])), 4),
+            }
+        out[spec] = row
+    return out
+
+
+def _map_auc(res, mask: np.ndarray) -> float:
+    """How well the similarity map ranks the object's pixels above the rest of the visible image: the
+    Mann-Whitney AUC of the map painted onto the original pixels (0.5 = chance, 1 = every object pixel
+    above every other pixel; NaN when either side is empty)."""
+    from scipy.stats import rankdata
+
+    painted = res.layout.to_original_map(res.values)
+    seen = ~np.isnan(painted)
+    obj, rest = painted[seen & mask], painted[seen & ~mask]
+    if not len(obj) or not len(rest):
+        return float("nan")
+    ranks = rankdata(np.concatenate([obj, rest]))
+    return float((ranks[: len(obj)].sum() - len(obj) * (len(obj) + 1) / 2) / (len(obj) * len(rest)))
