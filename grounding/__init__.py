@@ -3,7 +3,7 @@
 Public surface: `HeadParams`, `HeadSelection`, `discover_heads`, `load_or_discover`, `spatial_entropy`,
 `calibration_from_testbed`, `calibration_from_folder`, `LocateParams`, `Location`, `locate`, `locate_batch`;
 SAM: `grounding.sam` (`load_segmenter`, `SamPrompt`, `SamMasks`) and `grounding.segment`; READ's similarity-as-points:
-`grounding.read`.
+`grounding.read`; VL-SAM's attention flow (open-ended): `grounding.vlsam`.
 
 Names resolve lazily (PEP 562), so `grounding.sam`'s prompt checks (used by the CLI before any model loads)
 import no torch.

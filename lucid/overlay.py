@@ -66,7 +66,8 @@ def segment_figure(image: Image.Image, objects: Sequence, max_side: int = 1024) 
                     linewidths=[1.0, 1.8],
                 )
             _draw_prompts(ax, o, sx, sy, COLORS[i % len(COLORS)])
-        what = "READ's similarity map" if located[0].source == "read" else "localization heads' map"
+        names = {"read": "READ's similarity map", "vl-sam": "VL-SAM's attention-flow maps"}
+        what = names.get(located[0].source, "localization heads' map")
         ax.set_title(f"{what} (contours at 50/75 % of peak) and SAM prompts", fontsize=8)
     ax = axes[-1]
     canvas = np.asarray(shown, dtype=np.float32) / 255.0

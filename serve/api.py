@@ -401,9 +401,15 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
 
     @app.post("/v1/segment")
     async def segment(req: SegmentRequest, request: Request):
-        request.state.method = "query" if req.query else "prompts"
+        request.state.method = "all" if req.all else "query" if req.query else "prompts"
+        if req.all:
+            if req.query is not None or req.points or req.boxes:
+                raise ApiError(
+                    400, "all segments every object the model names: give no query, points or boxes", param="all"
+                )
+            return await _segment_all(req)
         if req.query is None and not req.points and not req.boxes:
-            raise ApiError(400, "nothing to segment: give a query, or points and/or boxes", param="query")
+            raise ApiError(400, "nothing to segment: give a query, all, or points and/or boxes", param="query")
         if req.query is not None and (req.points or req.boxes):
             raise ApiError(400, "give either a query or points/boxes, not both", param="query")
         if len(req.boxes) > 1 and req.points:
@@ -428,12 +434,16 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
                 check_question(req.query)
             except InputError as e:
                 raise ApiError(400, str(e), param="query") from None
+            if req.method.partition(":")[0].strip() == "vl-sam":
+                return await _segment_vlsam(req, image, req.query)
             if req.method != "heads":
                 from grounding.read import parse_read
 
                 try:
                     if req.method.partition(":")[0].strip() != "read":
-                        raise ValueError(f"method must be 'heads' or 'read[:k=v,...]', got {req.method!r}")
+                        raise ValueError(
+                            f"method must be 'heads', 'read[:k=v,...]' or 'vl-sam[:k=v,...]', got {req.method!r}"
+                        )
                     parse_read(req.method)
                 except ValueError as e:
                     raise ApiError(400, str(e), param="method") from None
@@ -453,6 +463,43 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
                 out = await backend.segment_located(image, located, req.prompt)
                 out["timings"]["locate_s"] = located[0]["locate_s"] if located else 0.0
                 out["heads"] = located[0]["heads"] if located else []
+        out["image_size"] = [w, h]
+        out["timings"]["wall_s"] = round(time.perf_counter() - t, 6)
+        return out
+
+    async def _segment_all(req: SegmentRequest):
+        method = "vl-sam" if req.method == "heads" else req.method  # the default method: VL-SAM's
+        if method.partition(":")[0].strip() != "vl-sam":
+            raise ApiError(400, f"all needs method 'vl-sam[:k=v,...]', got {req.method!r}", param="method")
+        return await _segment_vlsam(req.model_copy(update={"method": method}), None, None)
+
+    async def _segment_vlsam(req: SegmentRequest, image, query: str | None):
+        """VL-SAM (`grounding.vlsam`): the VLM replica's object maps, then the SAM replica's points,
+        refinement and NMS; `query` None: every object the model names."""
+        from grounding.vlsam import parse_vlsam
+
+        try:
+            parse_vlsam(req.method)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="method") from None
+        if req.prompt != "point":
+            raise ApiError(400, "prompt belongs to method 'heads', not vl-sam", param="prompt")
+        if image is None:
+            image = resolve_image(req.image, cfg, "image")
+        h, w = image.shape[:2]
+        t = time.perf_counter()
+        try:
+            maps, maps_s = await backend.vlsam(image, query, req.method)
+        except ValueError as e:  # the referring answer does not hold the query's words
+            raise ApiError(400, str(e), param="query") from None
+        out = await backend.segment_vlsam(image, maps, req.method, query is not None)
+        answers = {(m.scale, m.question): m.answer for m in maps}
+        out["vl_sam"] = {
+            "mode": "query" if query is not None else "all",
+            "answers": [{"scale": k[0], "question": k[1], "answer": v} for k, v in answers.items()],
+            "maps": len(maps),
+        }
+        out["timings"]["vlsam_maps_s"] = round(maps_s, 6)
         out["image_size"] = [w, h]
         out["timings"]["wall_s"] = round(time.perf_counter() - t, 6)
         return out

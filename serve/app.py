@@ -64,6 +64,9 @@ class VLMServer:
     async def read(self, image, queries: list[str], method: str) -> list[dict]:
         return await self.runner.read(image, queries, method)
 
+    async def vlsam(self, image, query: str | None, method: str) -> tuple[list, float]:
+        return await self.runner.vlsam(image, query, method)
+
 
 @serve.deployment(**_FAST_SHUTDOWN)
 class SamServer:
@@ -80,6 +83,9 @@ class SamServer:
 
     async def segment_located(self, image, located: list[dict], how: str = "point") -> dict:
         return await self.runner.segment_located(image, located, how)
+
+    async def segment_vlsam(self, image, maps: list, method: str, referring: bool) -> dict:
+        return await self.runner.segment_vlsam(image, maps, method, referring)
 
 
 class ServeBackend:
@@ -104,11 +110,17 @@ class ServeBackend:
     async def read(self, image, queries: list[str], method: str) -> list[dict]:
         return await self.vlm.read.remote(image, queries, method)
 
+    async def vlsam(self, image, query: str | None, method: str) -> tuple[list, float]:
+        return await self.vlm.vlsam.remote(image, query, method)
+
     async def segment(self, image, points: list, boxes: list) -> dict:
         return await self.sam.segment.remote(image, points, boxes)
 
     async def segment_located(self, image, located: list[dict], how: str = "point") -> dict:
         return await self.sam.segment_located.remote(image, located, how)
+
+    async def segment_vlsam(self, image, maps: list, method: str, referring: bool) -> dict:
+        return await self.sam.segment_vlsam.remote(image, maps, method, referring)
 
 
 @serve.deployment(**_FAST_SHUTDOWN)

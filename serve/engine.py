@@ -277,6 +277,20 @@ class Engine:
             out.append({**r.to_json(), "sam_input": sam_input, "read_s": round(dt, 6)})
         return out
 
+    def vlsam(self, image: np.ndarray, query: str | None, method: str) -> tuple[list, float]:
+        """VL-SAM's object maps (`grounding.vlsam.object_maps`; `method` = 'vl-sam[:k=v,...]'; `query` None:
+        every object the model names) for the SAM replica, and the seconds they took."""
+        from dataclasses import replace
+
+        from grounding.vlsam import object_maps, parse_vlsam
+
+        params = parse_vlsam(method)
+        with self.lock:
+            t = time.perf_counter()
+            maps = object_maps(self.vlm, image, query, params)
+            dt = time.perf_counter() - t
+        return [replace(m, layout=None) for m in maps], dt
+
 
 def _location_json(loc, locate_s: float) -> dict:
     d = loc.to_json()

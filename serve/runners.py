@@ -64,6 +64,9 @@ class VlmRunner:
     async def read(self, image: np.ndarray, queries: list[str], method: str) -> list[dict]:
         return await asyncio.to_thread(self.engine.read, image, queries, method)
 
+    async def vlsam(self, image: np.ndarray, query: str | None, method: str) -> tuple[list, float]:
+        return await asyncio.to_thread(self.engine.vlsam, image, query, method)
+
     def stream_sync(self, job: ChatJob) -> Iterator[dict]:
         """{"delta": text} events as the answer is generated, then {"result": dict} (or {"error": ...})."""
         q: queue.Queue = queue.Queue()
@@ -146,8 +149,22 @@ class SamRunner:
             objects.append(d)
         return {"objects": objects, "timings": _round(timings)}
 
+    def _vlsam(self, image: np.ndarray, maps: list, method: str, referring: bool) -> dict:
+        """VL-SAM's points, refinement and NMS (`grounding.vlsam.refine` / `merge`) on the VLM replica's maps."""
+        from grounding.vlsam import merge, parse_vlsam, refine
+
+        params = parse_vlsam(method)
+        with self.lock:
+            t = time.perf_counter()
+            objects = merge(refine(self.segmenter, image, maps, params), params, top=1 if referring else None)
+            timings = {"sam_s": time.perf_counter() - t, **{f"sam_{k}_s": v for k, v in self.segmenter.timings.items()}}
+        return {"objects": [o.to_json() for o in objects], "timings": _round(timings)}
+
     async def segment(self, image: np.ndarray, points: list, boxes: list) -> dict:
         return await asyncio.to_thread(self._explicit, image, points, boxes)
+
+    async def segment_vlsam(self, image: np.ndarray, maps: list, method: str, referring: bool) -> dict:
+        return await asyncio.to_thread(self._vlsam, image, maps, method, referring)
 
     async def segment_located(self, image: np.ndarray, located: list[dict], how: str = "point") -> dict:
         return await asyncio.to_thread(self._located, image, located, how)
@@ -186,8 +203,14 @@ class LocalBackend:
     async def read(self, image: np.ndarray, queries: list[str], method: str) -> list[dict]:
         return await self.vlm.read(image, queries, method)
 
+    async def vlsam(self, image: np.ndarray, query: str | None, method: str) -> tuple[list, float]:
+        return await self.vlm.vlsam(image, query, method)
+
     async def segment(self, image: np.ndarray, points: list, boxes: list) -> dict:
         return await self.sam.segment(image, points, boxes)
+
+    async def segment_vlsam(self, image: np.ndarray, maps: list, method: str, referring: bool) -> dict:
+        return await self.sam.segment_vlsam(image, maps, method, referring)
 
     async def segment_located(self, image: np.ndarray, located: list[dict], how: str = "point") -> dict:
         return await self.sam.segment_located(image, located, how)

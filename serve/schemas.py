@@ -98,8 +98,11 @@ class SegmentRequest(BaseModel):
     boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, description="[[x0, y0, x1, y1]]")
     prompt: Literal["point", "box", "point_box"] = Field("point", description="what a located query gives SAM")
     method: str = Field(
-        "heads", min_length=1, description="how a query becomes SAM prompts: 'heads' or 'read[:k=v,...]' (READ's SasP)"
+        "heads",
+        min_length=1,
+        description="how a query becomes SAM prompts: 'heads', 'read[:k=v,...]' (READ's SasP) or 'vl-sam[:k=v,...]'",
     )
+    all: bool = Field(False, description="open-ended: every object the VLM names (VL-SAM; no query)")
 
     @field_validator("points")
     @classmethod

@@ -64,17 +64,22 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
         heads: Annotated[str, typer.Option(help="Localization heads: 'auto' or L:H,L:H (text queries).")] = "auto",
         prompt: Annotated[str, typer.Option(help="What attention gives SAM: point, box or point_box.")] = "point",
         method: Annotated[
-            str,
+            str | None,
             typer.Option(
-                help="How a text QUERY becomes SAM prompts: 'heads' (localization heads' peak) or READ's "
-                "similarity-as-points 'read[:k=v,...]' (e.g. read:token=last,layer=3; docs/grounding.md)."
+                help="How a text QUERY becomes SAM prompts: 'heads' (localization heads' peak, the default), "
+                "READ's similarity-as-points 'read[:k=v,...]' (e.g. read:token=last,layer=3), or VL-SAM's "
+                "attention flow 'vl-sam[:k=v,...]' (the default with --all; docs/grounding.md)."
             ),
-        ] = "heads",
+        ] = None,
+        all_objects: Annotated[
+            bool,
+            typer.Option("--all", help="Open-ended: segment every object the VLM names (VL-SAM; no QUERY)."),
+        ] = False,
         out: Annotated[Path | None, typer.Option(help="Write the masks (and map) over the image as PNG.")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of lines.")] = False,
     ) -> None:
-        """Segment IMAGE with SAM from explicit --point/--box prompts, or from a text QUERY located by the
-        VLM's localization heads. Coordinates are ORIGINAL image pixels."""
+        """Segment IMAGE with SAM from explicit --point/--box prompts, from a text QUERY located by the
+        VLM's attention, or every object the VLM names (--all, VL-SAM). Coordinates are ORIGINAL image pixels."""
         import time
 
         from grounding.sam import PromptError, SamPrompt, check_sam_spec
@@ -84,20 +89,38 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
 
         points = [parse_point(p) for p in point or []]
         boxes = [parse_box(b) for b in box or []]
-        if query is not None:
+        if all_objects:
+            if query is not None or points or boxes:
+                raise InputError("--all segments every object the model names: give no QUERY, --point or --box")
+            method = "vl-sam" if method is None else method
+            if method.partition(":")[0].strip() != "vl-sam":
+                raise InputError(f"--all needs --method vl-sam[:k=v,...], got {method!r}")
+        elif query is not None:
             check_question(query)
             if points or boxes:
                 raise InputError("give either a text QUERY or --point/--box prompts, not both")
         elif not points and not boxes:
-            raise InputError("nothing to segment: give a text QUERY, or --point X,Y and/or --box X0,Y0,X1,Y1")
+            raise InputError("nothing to segment: give a text QUERY, --all, or --point X,Y and/or --box X0,Y0,X1,Y1")
+        method = "heads" if method is None else method
         if prompt not in ATTENTION_PROMPTS:
             raise InputError(f"--prompt must be one of {', '.join(ATTENTION_PROMPTS)}, got {prompt!r}")
-        read = None
-        if method != "heads":
+        read = vlsam = None
+        if method.partition(":")[0].strip() == "vl-sam":
+            from grounding.vlsam import parse_vlsam
+
+            try:
+                vlsam = parse_vlsam(method)
+            except ValueError as e:
+                raise InputError(f"--method {e}") from None
+            if query is None and not all_objects:
+                raise InputError("--method vl-sam needs a text QUERY or --all")
+            if heads != "auto" or prompt != "point":
+                raise InputError("--heads and --prompt belong to --method heads, not vl-sam")
+        elif method != "heads":
             from grounding.read import parse_read
 
             if method.partition(":")[0].strip() != "read":
-                raise InputError(f"--method must be 'heads' or 'read[:k=v,...]', got {method!r}")
+                raise InputError(f"--method must be 'heads' or 'read[:k=v,...]' or 'vl-sam[:k=v,...]', got {method!r}")
             try:
                 read = parse_read(method)
             except ValueError as e:
@@ -116,7 +139,7 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
                 raise InputError(f"--heads: {e}") from e
         path = checked_output(out, HEATMAP_SUFFIXES, "overlay")
         check_sam_spec(sam)
-        if query is not None:
+        if query is not None or all_objects:
             from vlm.checkpoint import inspect_checkpoint
 
             info = inspect_checkpoint(model)
@@ -147,7 +170,19 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
         with stdout_to_stderr():
             segmenter = load_segmenter(sam)
             timings = {"load_sam_s": time.perf_counter() - t0}
-            if query is None:
+            if vlsam is not None:
+                from grounding.vlsam import segment_vlsam
+
+                t1 = time.perf_counter()
+                vlm = load_model(model)
+                timings["load_model_s"] = time.perf_counter() - t1
+                try:
+                    found, more = segment_vlsam(vlm, segmenter, pil, query, vlsam)
+                except ValueError as e:  # the referring answer does not hold the query's words
+                    raise InputError(f"--method vl-sam: {e}") from None
+                timings.update(more)
+                objects = [o.segmented() for o in found]
+            elif query is None:
                 t1 = time.perf_counter()
                 objects = segment_prompts(segmenter, pil, points, boxes)
                 timings["sam_s"] = time.perf_counter() - t1
@@ -176,12 +211,21 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
                 objects, more = segment_query(vlm, segmenter, pil, [query], selection, how=prompt)
                 timings.update(more)
         payload = {
-            "objects": [o.to_json() for o in objects],
+            "objects": [o.to_json() for o in found] if vlsam is not None else [o.to_json() for o in objects],
             "image_size": [w, h],
             "sam": segmenter.source,
             "timings": {k: round(v, 4) for k, v in timings.items()},
         }
-        if read is not None:
+        if vlsam is not None:
+            from dataclasses import asdict
+
+            answers = {(o.source.scale, o.source.question): o.source.answer for o in found}
+            payload["vl_sam"] = {
+                "params": asdict(vlsam),
+                "mode": "all" if all_objects else "query",
+                "answers": [{"scale": k[0], "question": k[1], "answer": v} for k, v in answers.items()],
+            }
+        elif read is not None:
             from dataclasses import asdict
 
             payload["read"] = {"params": asdict(read), **objects[0].location.to_json()}
@@ -190,9 +234,12 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(payload))
         else:
-            for o in objects:
+            if vlsam is not None and not objects:
+                typer.echo("no object found")
+            for i, o in enumerate(objects):
                 b = ", ".join(f"{v:.0f}" for v in o.box)
-                typer.echo(f"{o.label}: box [{b}] score {o.score:.2f} ({int(o.mask.sum())} px, from {o.source})")
+                where = f", {found[i].scale}" if vlsam is not None else ""
+                typer.echo(f"{o.label}: box [{b}] score {o.score:.2f} ({int(o.mask.sum())} px, from {o.source}{where})")
         if path is not None:
             from lucid.overlay import save_segment_overlay
 
@@ -236,14 +283,32 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
             list[str] | None,
             typer.Option("--read", help="Also score READ's SasP with this spec (repeatable; loads the VLM)."),
         ] = None,
-        model: Annotated[str, typer.Option(help="The VLM for --attention / --read.")] = "testbed",
+        vl_sam: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--vl-sam",
+                help="Also score VL-SAM on the referring queries with this spec (repeatable; loads the VLM).",
+            ),
+        ] = None,
+        vl_sam_all: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--vl-sam-all",
+                help="Also score open-ended VL-SAM (AP@0.5, recall, absent names) with this spec (repeatable).",
+            ),
+        ] = None,
+        vl_sam_scenes: Annotated[
+            int, typer.Option(min=1, help="Held-out scenes of the open-ended VL-SAM score (--vl-sam-all).")
+        ] = 200,
+        model: Annotated[str, typer.Option(help="The VLM for --attention / --read / --vl-sam.")] = "testbed",
         threads: Annotated[int, typer.Option(min=1, max=64, help="torch threads.")] = 2,
         out: Annotated[
             Path | None, typer.Option(help="Also write the metrics JSON here (.json; - = stdout only).")
         ] = None,
     ) -> None:
         """SAM quality on fresh held-out scenes: mIoU per prompt kind (point, box, points, point+box,
-        refinement with the fed-back mask), evaluation distribution and foreign scenes."""
+        refinement with the fed-back mask), evaluation distribution and foreign scenes; optionally the
+        attention paths (--attention, --read, --vl-sam referring, --vl-sam-all open-ended)."""
         from grounding.sam import check_sam_spec
         from vlm.contract import check_seed
 
@@ -260,7 +325,15 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
                     parse_read(spec)
                 except ValueError as e:
                     raise InputError(f"--read {e}") from None
-        if attention or read:
+        if vl_sam or vl_sam_all:
+            from grounding.vlsam import parse_vlsam
+
+            for flag, spec in [("--vl-sam", v) for v in vl_sam or []] + [("--vl-sam-all", v) for v in vl_sam_all or []]:
+                try:
+                    parse_vlsam(spec)
+                except ValueError as e:
+                    raise InputError(f"{flag} {e}") from None
+        if attention or read or vl_sam or vl_sam_all:
             from vlm.checkpoint import inspect_checkpoint
 
             inspect_checkpoint(model)
@@ -285,6 +358,15 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
 
                 vlm = vlm if attention else load_model(model)
                 metrics["read"] = read_to_sam(vlm, segmenter, read)
+                metrics["model"] = vlm.name
+            if vl_sam or vl_sam_all:
+                from testbed.studies.sam_eval import vlsam_open_ended, vlsam_to_sam
+
+                vlm = vlm if (attention or read) else load_model(model)
+                if vl_sam:
+                    metrics["vl_sam"] = vlsam_to_sam(vlm, segmenter, vl_sam)
+                if vl_sam_all:
+                    metrics["vl_sam_all"] = vlsam_open_ended(vlm, segmenter, vl_sam_all, n_scenes=vl_sam_scenes)
                 metrics["model"] = vlm.name
         deliver(json.dumps(metrics, indent=1), path)
 

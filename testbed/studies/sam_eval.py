@@ -231,3 +231,147 @@ def _map_auc(res, mask: np.ndarray) -> float:
         return float("nan")
     ranks = rankdata(np.concatenate([obj, rest]))
     return float((ranks[: len(obj)].sum() - len(obj) * (len(obj) + 1) / 2) / (len(obj) * len(rest)))
+
+
+def vlsam_to_sam(
+    vlm,
+    segmenter: Segmenter,
+    specs: Iterable[str] = ("vl-sam",),
+    seed: int = 12345,
+    n_scenes: int = 200,
+    n_foreign: int = 100,
+    progress: bool = True,
+) -> dict:
+    """`attention_to_sam`'s referring items ("the {colour} {shape}") and scores for VL-SAM
+    (`grounding.vlsam`, referring mode), one entry per spec ('vl-sam', 'vl-sam:iterations=0', ...): mask
+    mIoU, box accuracy, the share of items whose final positive point lies on the object ("pointing"),
+    and the mean seconds per item (maps + SAM)."""
+    import time
+
+    from grounding.vlsam import parse_vlsam, segment_vlsam
+    from testbed.studies.localization import eval_items
+
+    items = eval_items(seed, n_scenes, n_foreign)
+    out: dict = {"seed": seed, "n_scenes": n_scenes, "n_foreign": n_foreign}
+    for spec in specs:
+        params = parse_vlsam(spec)
+        scores: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)
+        for it in tqdm(items, desc=spec, disable=not progress, mininterval=5):
+            t = time.perf_counter()
+            objects, _ = segment_vlsam(vlm, segmenter, it.image, it.query, params)
+            dt = time.perf_counter() - t
+            if not objects:
+                scores[it.split].append((0.0, 0.0, 0.0, dt))
+                continue
+            o = objects[0]
+            box_ok = float(box_iou(tuple(o.box), tuple(float(v) for v in it.bbox)) >= 0.5)
+            first = next(p for p in o.points if p[2] == 1)
+            scores[it.split].append((mask_iou(o.mask, it.mask), box_ok, float(on_mask(it.mask, first[:2])), dt))
+        row: dict = {"params": params.changed()}
+        for split in sorted(scores):
+            v = np.array(scores[split])
+            row[split] = {
+                "items": len(v),
+                "miou": round(float(v[:, 0].mean()), 4),
+                "box_acc": round(float(v[:, 1].mean()), 4),
+                "pointing": round(float(v[:, 2].mean()), 4),
+                "s_per_item": round(float(v[:, 3].mean()), 4),
+            }
+        out[spec] = row
+    return out
+
+
+def average_precision(scored: list[tuple[float, bool]], n_gt: int) -> float:
+    """COCO-style AP (101-point interpolated precision) of detections (score, is_true_positive) against
+    `n_gt` ground-truth objects; NaN without ground truth."""
+    if n_gt == 0:
+        return float("nan")
+    if not scored:
+        return 0.0
+    order = sorted(scored, key=lambda s: -s[0])
+    tp = np.cumsum([float(t) for _, t in order])
+    fp = np.cumsum([1.0 - float(t) for _, t in order])
+    recall = tp / n_gt
+    precision = tp / np.maximum(tp + fp, 1e-12)
+    for i in range(len(precision) - 2, -1, -1):  # the precision envelope
+        precision[i] = max(precision[i], precision[i + 1])
+    ap = 0.0
+    for r in np.linspace(0, 1, 101):
+        k = np.searchsorted(recall, r, side="left")
+        ap += precision[k] if k < len(precision) else 0.0
+    return float(ap / 101)
+
+
+def vlsam_open_ended(
+    vlm,
+    segmenter: Segmenter,
+    specs: Iterable[str] = ("vl-sam",),
+    seed: int = 12345,
+    n_scenes: int = 200,
+    progress: bool = True,
+) -> dict:
+    """Open-ended VL-SAM (`lucid segment IMAGE --all`) on the held-out scenes of `attention_to_sam`
+    (`scenes(seed, n_scenes, WorldConfig())`), against every visible object. A detection's label is
+    matched to a ground-truth category by its exact name ("red circle"); per spec:
+
+    * `box_ap50` / `mask_ap50`: COCO-style AP at IoU 0.5 per category (a detection is a true positive when
+      it matches a not-yet-matched object of its category, greedy by score), averaged over the categories
+      with ground truth;
+    * `recall50`: share of objects matched by a detection of their category at mask IoU >= 0.5;
+    * `named_recall`: share of the scenes' (scene, category) pairs the model named at all;
+    * `named_absent`: share of the named (scene, label) pairs whose category is not visible in the scene;
+    * `s_per_image`: seconds per image (maps + SAM)."""
+    import time
+
+    from grounding.sam import image_array
+    from grounding.vlsam import merge, object_maps, parse_vlsam, refine
+    from testbed.world.scenes import WorldConfig, scenes
+
+    scene_list = list(scenes(seed, n_scenes, WorldConfig()))
+    out: dict = {"seed": seed, "n_scenes": n_scenes, "objects": sum(len(s.objects) for s in scene_list)}
+    for spec in specs:
+        params = parse_vlsam(spec)
+        det: dict[str, dict[str, list]] = {"box": defaultdict(list), "mask": defaultdict(list)}
+        n_gt: dict[str, int] = defaultdict(int)
+        matched = named_hit = named_total = absent = n_pairs = 0
+        secs = []
+        for s in tqdm(scene_list, desc=spec, disable=not progress, mininterval=5):
+            t = time.perf_counter()
+            maps = object_maps(vlm, s.image, None, params)
+            objects = merge(refine(segmenter, image_array(s.image), maps, params), params) if maps else []
+            secs.append(time.perf_counter() - t)
+            gt = [(o.name, o.mask, tuple(float(v) for v in o.bbox)) for o in s.objects]
+            for name, *_ in gt:
+                n_gt[name] += 1
+            present = {name for name, *_ in gt}
+            labels = {m.label for m in maps}  # what the model named, before NMS
+            named_total += len(labels)
+            absent += len(labels - present)
+            named_hit += len(labels & present)
+            n_pairs += len(present)
+            for kind in ("box", "mask"):
+                used: set[int] = set()
+                for o in sorted(objects, key=lambda o: -o.score):
+                    best, best_iou = None, 0.5
+                    for j, (name, mask, bbox) in enumerate(gt):
+                        if name != o.label or j in used:
+                            continue
+                        iou = box_iou(tuple(o.box), bbox) if kind == "box" else mask_iou(o.mask, mask)
+                        if iou >= best_iou:
+                            best, best_iou = j, iou
+                    if best is not None:
+                        used.add(best)
+                    det[kind][o.label].append((o.score, best is not None))
+                if kind == "mask":
+                    matched += len(used)
+        row: dict = {"params": params.changed()}
+        for kind in ("box", "mask"):
+            aps = [average_precision(det[kind].get(c, []), n) for c, n in n_gt.items()]
+            row[f"{kind}_ap50"] = round(float(np.nanmean(aps)), 4)
+        row["recall50"] = round(matched / max(1, sum(n_gt.values())), 4)
+        row["named_recall"] = round(named_hit / max(1, n_pairs), 4)
+        row["named_absent"] = round(absent / max(1, named_total), 4)
+        row["detections_per_image"] = round(sum(len(v) for v in det["mask"].values()) / max(1, len(scene_list)), 3)
+        row["s_per_image"] = round(float(np.mean(secs)), 4)
+        out[spec] = row
+    return out
