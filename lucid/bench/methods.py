@@ -11,7 +11,8 @@ Paths compared on the same inputs, greedy, a fixed number of decode steps (EOS i
   single-pass part), and one composition, through `generate`; the
   methods' preparatory work (VHR's image-free stream, PAI's guidance stream, the fix's vision-tower pass)
   counts in their prefill;
-* `method:dyvte`: DyVTE at its defaults (the routers; a model without fitted ones reports why it did not run);
+* `method:dyvte`, `method:dyvte:rule=attention`: DyVTE's routers (its default) and its calibrated attention rule
+  (a model without a calibration reports why it did not run);
 * `method:dyvte:layer=half`: DyVTE's static exit after the middle decoder layer; its row also gives the
   prefill decoder FLOPs the exit saved (counted from the shapes run) beside the prefill time it saved;
 * `eager+attn`: the way the official method repos run: eager attention, `output_attentions=True`, every
@@ -59,6 +60,7 @@ METHOD_SPECS = {
     "method:magnifier": "magnifier",
     "method:magnifier:tokens=image": "magnifier:tokens=image",
     "method:dyvte": "dyvte",  # the routers (testbed: a description, which they do not let exit: their overhead)
+    "method:dyvte:rule=attention": "dyvte:rule=attention",  # the calibrated attention-mass rule
     # DyVTE's static rule with the image tokens leaving after the middle layer ({half} = layers // 2 - 1):
     # the second half of the decoder runs without them (the paper's LLaVA-1.5 exit sits about there)
     "method:dyvte:layer=half": "dyvte:layer={half}",
