@@ -19,6 +19,12 @@ Kinds:
   and mean_iou of the located box.
 * `mask` (testbed-segment): miou (mask IoU with the exact mask), iou_ge_0.5 (share of masks at IoU >=
   0.5), box_accuracy of the mask's box, pointing of the prompted pixel.
+* `detect` (testbed-detect, one sample per scene): box_ap50 / mask_ap50 (COCO-style AP at IoU 0.5 per
+  category over the pooled detections of the samples, `grounding.scoring.average_precision`, averaged
+  over the categories with ground truth), recall50 (objects matched at mask IoU >= 0.5), named_recall
+  (the scenes' categories the model named), named_absent (named categories not in their scene),
+  detections_per_image. Its per-sample stats hold lists (a scene's detections and objects): `stack`
+  keeps such a stat as an object array of arrays, and a bootstrap resample pools the resampled scenes'.
 
 Intervals: percentile bootstrap over samples (`bootstrap`). Against the baseline: a *paired* bootstrap
 of the difference (both configurations resampled with the same sample indices, so the pairing of
@@ -98,6 +104,44 @@ def mask(s: Arrays) -> dict[str, np.ndarray]:
     }
 
 
+_DET_LISTS = ("det_label", "det_score", "det_box_tp", "det_mask_tp", "gt_label")
+
+
+def _pool(arrays) -> np.ndarray:
+    """The samples' per-sample arrays end to end (empty ones skipped, so labels stay strings)."""
+    parts = [np.asarray(a) for a in arrays if len(a)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def detect(s: Arrays) -> dict[str, np.ndarray]:
+    """Per row of samples (the leading dimensions of the object arrays): AP pools the row's detections
+    (scene order, each scene's best first; stable sort by score), as `testbed.studies.sam_eval.vlsam_open_ended`."""
+    from grounding.scoring import average_precision
+
+    lists = {k: np.asarray(s[k], dtype=object) for k in _DET_LISTS}
+    lead = lists["gt_label"].shape[:-1]
+    out = {k: np.zeros(lead) for k in ("box_ap50", "mask_ap50")}
+    for idx in np.ndindex(*lead):
+        row = {k: v[idx] for k, v in lists.items()}
+        labels, scores, gt = _pool(row["det_label"]), _pool(row["det_score"]).astype(float), _pool(row["gt_label"])
+        names, counts = np.unique(gt, return_counts=True) if len(gt) else ([], [])
+        for kind in ("box", "mask"):
+            tp = _pool(row[f"det_{kind}_tp"]).astype(float)
+            aps = [
+                average_precision(list(zip(scores[labels == c].tolist(), tp[labels == c].tolist())), int(n))
+                for c, n in zip(names, counts)
+            ]
+            out[f"{kind}_ap50"][idx] = float(np.mean(aps)) if aps else float("nan")
+    objects = np.asarray(s["objects"], float).sum(-1)
+    return {
+        **out,
+        "recall50": _div(np.asarray(s["matched"], float).sum(-1), objects),
+        "named_recall": _div(np.asarray(s["named_present"], float).sum(-1), np.asarray(s["present"], float).sum(-1)),
+        "named_absent": _div(np.asarray(s["named_absent"], float).sum(-1), np.asarray(s["named"], float).sum(-1)),
+        "detections_per_image": np.asarray(s["detections"], float).mean(-1),
+    }
+
+
 KINDS = {
     "binary": binary,
     "false_yes": false_yes,
@@ -106,11 +150,12 @@ KINDS = {
     "box": box,
     "locate": locate,
     "mask": mask,
+    "detect": detect,
 }
 # which direction is better, per metric (for the report's arrows); unlisted: higher is better
-LOWER_IS_BETTER = {"false_yes_rate", "chair_s", "chair_i", "partner_absent_named"}
+LOWER_IS_BETTER = {"false_yes_rate", "chair_s", "chair_i", "partner_absent_named", "named_absent"}
 # metrics with no better direction (POPE's yes-ratio: the share of "Yes" among the labels is right)
-NO_DIRECTION = {"yes_ratio", "mean_length", "mean_words", "words"}
+NO_DIRECTION = {"yes_ratio", "mean_length", "mean_words", "words", "detections_per_image"}
 # a metric per kind that the report charts and tests against the baseline first
 PRIMARY = {
     "binary": ("accuracy", "f1", "yes_ratio"),
@@ -120,13 +165,23 @@ PRIMARY = {
     "box": ("box_accuracy",),
     "locate": ("pointing", "box_accuracy"),
     "mask": ("miou", "iou_ge_0.5"),
+    "detect": ("box_ap50", "mask_ap50", "recall50", "named_absent"),
 }
 
 
 def stack(records: list[dict]) -> dict[str, np.ndarray]:
     """Per-sample `stats` dicts -> one array per stat, in record order."""
     keys = records[0]["stats"].keys() if records else ()
-    return {k: np.array([r["stats"][k] for r in records], dtype=float) for k in keys}
+    out = {}
+    for k in keys:
+        vals = [r["stats"][k] for r in records]
+        if any(isinstance(v, list) for v in vals):  # a list per sample (testbed-detect): an object array of arrays
+            out[k] = np.empty(len(vals), dtype=object)
+            for i, v in enumerate(vals):
+                out[k][i] = np.asarray(v)
+        else:
+            out[k] = np.array(vals, dtype=float)
+    return out
 
 
 def aggregate(kind: str, s: Arrays) -> dict[str, float]:

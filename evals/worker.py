@@ -139,19 +139,29 @@ def locate_task(worker: Worker, payload: dict) -> list[dict]:
     ]
 
 
+def _segmenter(worker: Worker, spec: str):
+    """The SAM of a `load_segmenter` spec, once per replica."""
+    from grounding.sam import load_segmenter
+
+    return worker.cached(("sam", spec), lambda: load_segmenter(spec, device=worker.vlm.device))
+
+
 def segment_task(worker: Worker, payload: dict) -> list[dict]:
     """Text query -> locate -> SAM (`grounding.segment.segment_query`), per scene of the batch (the
     consecutive samples with the same payload["scenes"] entry share one prefill and one image
     embedding). The SAM (payload["sam"], a `load_segmenter` spec) is loaded once per replica. The
-    answer: the mask (COCO RLE), its box, SAM's score, the prompted pixel and the located box."""
+    answer: the mask (COCO RLE), its box, SAM's score, the prompted pixel and the located box.
+    With payload["method"] (a `read:...` / `vl-sam:...` spec) READ's or VL-SAM's path instead
+    (`read_segment_task`, `vlsam_segment_task`)."""
     from grounding import LocateParams
-    from grounding.sam import load_segmenter
     from grounding.segment import attention_prompt, encode_rle, segment_query
 
     _no_methods(payload)
+    method = payload.get("method")
+    if method is not None:
+        return (read_segment_task if method.partition(":")[0] == "read" else vlsam_segment_task)(worker, payload)
     selection = _heads(worker)
-    spec = payload["sam"]
-    segmenter = worker.cached(("sam", spec), lambda: load_segmenter(spec, device=worker.vlm.device))
+    segmenter = _segmenter(worker, payload["sam"])
     params = LocateParams(**payload["locate"])
     images, queries, scenes = payload["images"], payload["questions"], payload["scenes"]
     t = time.perf_counter()
@@ -190,10 +200,122 @@ def segment_task(worker: Worker, payload: dict) -> list[dict]:
     return replies
 
 
+def _first_positive(points) -> list[float] | None:
+    return next(([float(x), float(y)] for x, y, lab in points if lab == 1), None)
+
+
+def _segment_reply(o, timings: dict, batch_s: float) -> dict:
+    """One object of READ's / VL-SAM's referring path (None: no candidate) as a segment reply."""
+    from grounding.segment import encode_rle
+
+    answer = (
+        {"mask": None, "box": [0.0, 0.0, 0.0, 0.0], "score": 0.0, "pixel": None}
+        if o is None
+        else {
+            "mask": encode_rle(o.mask),
+            "box": [float(v) for v in o.box],
+            "score": float(o.score),
+            "pixel": _first_positive(o.points),  # the point scored as "pointing"
+            "points": [[float(x), float(y), int(lab)] for x, y, lab in o.points],
+        }
+    )
+    return {
+        "answer": answer,
+        "finish_reason": "segmented",
+        "n_tokens": 0,
+        "timings": {**{k: round(v, 6) for k, v in timings.items()}, "batch_s": round(batch_s, 6)},
+        "worker_pid": os.getpid(),
+    }
+
+
+def read_segment_task(worker: Worker, payload: dict) -> list[dict]:
+    """READ's similarity-as-points (`grounding.read`, payload["method"] a `read:...` spec): one forward for
+    the batch's queries (`read_batch`), then SAM per query (the image embedding cached per scene), as
+    `testbed.studies.sam_eval.read_to_sam` runs it."""
+    from grounding.read import parse_read, read_batch, read_prompt
+    from grounding.segment import segmented_object
+
+    params = parse_read(payload["method"])
+    segmenter = _segmenter(worker, payload["sam"])
+    images, queries = payload["images"], payload["questions"]
+    t = time.perf_counter()
+    results = read_batch(worker.vlm, list(images), list(queries), params)
+    t1 = time.perf_counter()
+    objects = []
+    for image, res in zip(images, results):
+        prompt = read_prompt(res, params)
+        objects.append(segmented_object(res.query, prompt, segmenter.segment(image, [prompt])[0], "read", res))
+    t2 = time.perf_counter()
+    return [_segment_reply(o, {"read_s": t1 - t, "sam_s": t2 - t1}, t2 - t) for o in objects]
+
+
+def vlsam_segment_task(worker: Worker, payload: dict) -> list[dict]:
+    """VL-SAM referring (`grounding.vlsam.segment_vlsam`, payload["method"] a `vl-sam:...` spec) per query:
+    its best candidate, or none, as `testbed.studies.sam_eval.vlsam_to_sam` runs it."""
+    from grounding.vlsam import parse_vlsam, segment_vlsam
+
+    params = parse_vlsam(payload["method"])
+    segmenter = _segmenter(worker, payload["sam"])
+    t = time.perf_counter()
+    found, acct = [], {"vlsam_maps_s": 0.0, "sam_s": 0.0}
+    for image, query in zip(payload["images"], payload["questions"]):
+        objects, timings = segment_vlsam(worker.vlm, segmenter, image, query, params)
+        found.append(objects[0] if objects else None)
+        for k in acct:
+            acct[k] += timings[k]
+    batch_s = time.perf_counter() - t
+    return [_segment_reply(o, acct, batch_s) for o in found]
+
+
+def detect_task(worker: Worker, payload: dict) -> list[dict]:
+    """Open-ended VL-SAM (`lucid segment IMAGE --all`; payload["method"] a `vl-sam:...` spec) per image:
+    the object maps, SAM refinement and NMS as `testbed.studies.sam_eval.vlsam_open_ended` runs them. The
+    answer: every object (label, SAM's score, box, COCO RLE mask), best first, and the names the model
+    gave before NMS."""
+    from grounding.sam import image_array
+    from grounding.segment import encode_rle
+    from grounding.vlsam import merge, object_maps, parse_vlsam, refine
+
+    _no_methods(payload)
+    params = parse_vlsam(payload["method"])
+    segmenter = _segmenter(worker, payload["sam"])
+    replies = []
+    for image in payload["images"]:
+        t = time.perf_counter()
+        maps = object_maps(worker.vlm, image, None, params)
+        t1 = time.perf_counter()
+        objects = merge(refine(segmenter, image_array(image), maps, params), params) if maps else []
+        t2 = time.perf_counter()
+        replies.append(
+            {
+                "answer": {
+                    "objects": [
+                        {
+                            "label": o.label,
+                            "score": float(o.score),
+                            "box": [float(v) for v in o.box],
+                            "mask": encode_rle(o.mask),
+                        }
+                        for o in objects
+                    ],
+                    "named": sorted({m.label for m in maps}),
+                },
+                "finish_reason": "detected",
+                "n_tokens": 0,
+                "timings": {"vlsam_maps_s": round(t1 - t, 6), "sam_s": round(t2 - t1, 6)},
+                "worker_pid": os.getpid(),
+            }
+        )
+    batch_s = sum(r["timings"]["vlsam_maps_s"] + r["timings"]["sam_s"] for r in replies)
+    for r in replies:
+        r["timings"]["batch_s"] = round(batch_s, 6)
+    return replies
+
+
 # task name -> function(worker, payload) -> replies ({"answer", "finish_reason", "n_tokens", "timings"} per
 # sample). A suite whose samples are not generated answers (e.g. a testbed-locate suite: boxes and points
 # from the localization heads) sets `Suite.task` and registers its function here.
-TASKS = {"generate": generate_task, "locate": locate_task, "segment": segment_task}
+TASKS = {"generate": generate_task, "locate": locate_task, "segment": segment_task, "detect": detect_task}
 
 
 def _backend(requested: str, device: str) -> str:

@@ -6,14 +6,18 @@
   (`ImageLayout.cell_center`, original pixels) is `on_mask` (ties: the first cell in row-major order);
   `pointing_hits` does the same for a stack of maps;
 * `box_iou`: IoU of two boxes (x0, y0, x1, y1);
-* `mask_iou`: IoU of two bool masks (1.0 when both are empty).
+* `mask_iou`: IoU of two bool masks (1.0 when both are empty);
+* `match_detections`: labelled detections against labelled ground truth, greedy by score (a detection is
+  a true positive when it matches a not-yet-matched object of its label at IoU >= 0.5);
+* `average_precision`: COCO-style AP (101-point interpolated precision) of scored detections.
 
 The testbed studies (`testbed.studies.localization`, `gaze`, `sam_eval`, `evaluate`) and the eval suites
-(`testbed-locate`, `testbed-segment`, `testbed-where`) all score with these. Pure numpy: no torch.
+(`testbed-locate`, `testbed-segment`, `testbed-detect`, `testbed-where`) all score with these. Pure numpy: no torch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -68,4 +72,52 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-__all__ = ["box_iou", "cells_on_mask", "mask_iou", "on_mask", "pointing_hit", "pointing_hits"]
+def match_detections(
+    labels: Sequence[str], scores: Sequence[float], truth: Sequence[str], iou: np.ndarray, threshold: float = 0.5
+) -> list[int | None]:
+    """Greedy matching by score: detections in order of decreasing score (ties: input order) each take the
+    not-yet-matched ground-truth object of their own label with the highest IoU >= `threshold` (ties: the
+    later object). `iou` [n_detections, n_truth] (box or mask IoU). Returns, per detection in input
+    order, the index of its object, or None (a false positive)."""
+    out: list[int | None] = [None] * len(labels)
+    used: set[int] = set()
+    for i in sorted(range(len(labels)), key=lambda i: -scores[i]):
+        best, best_iou = None, threshold
+        for j, name in enumerate(truth):
+            if name != labels[i] or j in used:
+                continue
+            if iou[i, j] >= best_iou:
+                best, best_iou = j, iou[i, j]
+        if best is not None:
+            used.add(best)
+        out[i] = best
+    return out
+
+
+def average_precision(scored: Sequence[tuple[float, bool]], n_gt: int) -> float:
+    """COCO-style AP (101-point interpolated precision) of detections (score, is_true_positive) against
+    `n_gt` ground-truth objects; NaN without ground truth. Ties in score keep their order."""
+    if n_gt == 0:
+        return float("nan")
+    if not len(scored):
+        return 0.0
+    arr = np.asarray(scored, dtype=float).reshape(-1, 2)
+    tp_flags = arr[np.argsort(-arr[:, 0], kind="stable"), 1]
+    tp, fp = np.cumsum(tp_flags), np.cumsum(1.0 - tp_flags)
+    recall = tp / n_gt
+    precision = np.maximum.accumulate((tp / np.maximum(tp + fp, 1e-12))[::-1])[::-1]  # the precision envelope
+    k = np.searchsorted(recall, np.linspace(0, 1, 101), side="left")
+    vals = np.where(k < len(precision), precision[np.minimum(k, len(precision) - 1)], 0.0)
+    return float(sum(vals.tolist()) / 101)
+
+
+__all__ = [
+    "average_precision",
+    "box_iou",
+    "cells_on_mask",
+    "mask_iou",
+    "match_detections",
+    "on_mask",
+    "pointing_hit",
+    "pointing_hits",
+]

@@ -6,7 +6,7 @@
 # MODEL: `testbed` (the embedded checkpoint) or a llava-hf directory trained by `lucid testbed train`.
 # OUT:   where each table's JSON / report goes (created). `quick` shrinks every size (a smoke run, not a table).
 # Each step is a documented command (docs/testbed.md, docs/grounding.md, docs/evals.md); they run one after
-# the other (the machine has 2 cores) and a step's output is kept when a later one fails. About 1 h 45 min
+# the other (the machine has 2 cores) and a step's output is kept when a later one fails. About 2 h
 # on the 2-core machine for the full sizes.
 set -euo pipefail
 MODEL=${1:?usage: remake_tables.sh MODEL OUT [quick]}
@@ -32,6 +32,22 @@ $PY -m testbed.studies.localization --model "$MODEL" --calib-scenes "$NCAL" --sc
 
 step "attention -> SAM (docs/grounding.md)"
 $LUCID testbed eval-sam --model "$MODEL" --attention --n "$N" --foreign "$NFOREIGN" --out "$OUT/sam.json"
+
+step "the segmentation tables as eval suites: heads / READ / VL-SAM referring, VL-SAM open-ended (docs/grounding.md, docs/evals.md)"
+# a method's own options are separated by ';' inside a suite spec (the spec splits on ','); the sizes of the tables
+# in docs/grounding.md (200 + 100 scenes referring, 100 open-ended)
+if [[ $QUICK == quick ]]; then SEGF=$NFOREIGN SEGD=$NTABLE; else SEGF=100 SEGD=100; fi
+NAIVE="flow=none;head_weights=uniform;regularize=none"
+$LUCID eval --model "$MODEL" --workers 0 --batch-size 16 \
+  --suite "testbed-segment:n=$NEVAL,n_foreign=$SEGF" --suite "testbed-segment:n=$NEVAL,n_foreign=$SEGF,method=read" \
+  --suite "testbed-segment:n=$NEVAL,n_foreign=$SEGF,method=read:token=target" \
+  --suite "testbed-segment:n=$NEVAL,n_foreign=$SEGF,method=read:preset=paper" \
+  --suite "testbed-segment:n=$NEVAL,n_foreign=$SEGF,method=vl-sam:multiscale=false" \
+  --suite "testbed-segment:n=$NEVAL,n_foreign=$SEGF,method=vl-sam" \
+  --suite "testbed-segment:n=$NEVAL,n_foreign=$SEGF,method=vl-sam:multiscale=false;$NAIVE" \
+  --suite "testbed-detect:n=$SEGD,method=vl-sam:multiscale=false;questions=1" --suite "testbed-detect:n=$SEGD" \
+  --suite "testbed-detect:n=$SEGD,method=vl-sam:multiscale=false;questions=1;$NAIVE" \
+  --suite "testbed-detect:n=$SEGD,method=vl-sam:$NAIVE" --out "$OUT/segment"
 
 step "the hallucination-risk score's AUROC (docs/testbed.md)"
 $LUCID testbed calibrate-risk --model "$MODEL" --n "$NCAL" --n-eval "$NEVAL" --out "$OUT/lucid_risk.json"

@@ -8,6 +8,8 @@
     testbed-detail  existence / colour / count of small objects on large canvases (CARVE's regime)
     testbed-locate  `lucid locate` on testbed scenes: pointing, box accuracy, mean IoU (baseline only)
     testbed-segment text query -> locate -> SAM on the same objects: mask mIoU, share at IoU >= 0.5
+                    (method=heads | read[:k=v;...] | vl-sam[:k=v;...]: the path to SAM, as `lucid segment --method`)
+    testbed-detect  open-ended VL-SAM (`lucid segment --all`) per scene: box / mask AP@0.5, recall, absent names
 
 A suite module is imported when its suite is first asked for. Adding a suite is one file with a
 `Suite` subclass and one line in `SUITES`; a suite whose samples are not generated answers names its
@@ -29,6 +31,7 @@ SUITES: dict[str, str] = {
     "testbed-detail": "evals.suites.testbed:TestbedDetail",
     "testbed-locate": "evals.suites.grounding:TestbedLocate",
     "testbed-segment": "evals.suites.grounding:TestbedSegment",
+    "testbed-detect": "evals.suites.grounding:TestbedDetect",
 }
 
 

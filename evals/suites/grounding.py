@@ -14,9 +14,18 @@ with `n_foreign` > 0 also a `foreign` split on scenes drawn by other code (`test
 * `testbed-segment`: the same queries through `grounding.segment.segment_query` (locate -> a SAM prompt
   -> SAM; the embedded SAM by default, loaded once per worker), scored as
   `testbed.studies.sam_eval.attention_to_sam` scores it: mask IoU with the object's exact mask (mIoU and the share
-  at IoU >= 0.5), box accuracy of the mask's box, and pointing of the prompted pixel.
+  at IoU >= 0.5), box accuracy of the mask's box, and pointing of the prompted pixel. `method=` picks the
+  attention -> SAM path as `lucid segment --method` does: `heads` (the default, above), `read[:k=v;...]`
+  (`grounding.read`, scored as `read_to_sam`: pointing of the first positive point) or `vl-sam[:k=v;...]`
+  (`grounding.vlsam` referring, as `vlsam_to_sam`: pointing of the last SAM call's positive point; no
+  object is IoU 0). A method's own options are separated by `;` (the suite's spec already splits on `,`):
+  `testbed-segment:n=50,method=read:token=target;layer=3`.
+* `testbed-detect`: open-ended VL-SAM (`lucid segment IMAGE --all`) once per held-out scene
+  (`scenes(seed, n, WorldConfig())`, the scenes of `vlsam_open_ended`), scored as `vlsam_open_ended` scores it
+  (`testbed.studies.sam_eval.detection_hits`, `grounding.scoring.average_precision`): box / mask AP@0.5, recall@0.5,
+  the share of the scenes' categories named and of the named categories absent from their scene.
 
-Both measure the checkpoint's attention as it is: `grounding` reads it with a plain prefill, so mitigation
+All three measure the checkpoint's attention as it is: `grounding` reads it with a plain prefill, so mitigation
 methods do not apply. They run in the baseline cell only (`uses_methods = False`): `--method` sets add
 no cells for them, and `--no-baseline` with one of them is an error.
 """
@@ -136,48 +145,211 @@ class TestbedLocate(_Grounding):
         }
 
 
+SEGMENT_METHODS = ("heads", "read", "vl-sam")
+
+
+def method_spec(suite: str, value: str, allowed: tuple[str, ...] = SEGMENT_METHODS) -> tuple[str, str, object]:
+    """A suite's `method=` value -> (name, the `k=v,...` spec its parser takes, its parsed parameters); the
+    method's own options are separated by `;` (`read:token=target;layer=3`). SuiteError naming the value."""
+    text = value.strip()
+    name, colon, body = text.partition(":")
+    name = name.strip()
+    if name not in allowed:
+        forms = " | ".join(m if m == "heads" else f"{m}[:k=v;...]" for m in allowed)
+        raise SuiteError(f"suite {suite}: method must be {forms}, got {value!r}")
+    spec = name + (":" + body.replace(";", ",") if colon else "")
+    if name == "heads":
+        if body.strip():
+            raise SuiteError(
+                f"suite {suite}: method=heads takes no options (the heads' are the suite's own), got {value!r}"
+            )
+        return name, spec, None
+    try:
+        if name == "read":
+            from grounding.read import parse_read
+
+            return name, spec, parse_read(spec)
+        from grounding.vlsam import parse_vlsam
+
+        return name, spec, parse_vlsam(spec)
+    except ValueError as e:
+        raise SuiteError(f"suite {suite}: method={value!r}: {e}") from None
+
+
+def _sam_files(spec: str) -> list[Path]:
+    from grounding.sam import TESTBED_SAM
+
+    spec = spec.strip()
+    d = TESTBED_SAM if spec == "testbed" else Path(spec)
+    return [d / "model.safetensors"] if (d / "model.safetensors").is_file() else []
+
+
 class TestbedSegment(_Grounding):
     name = "testbed-segment"
-    summary = "text query -> locate -> SAM on testbed scenes: mask mIoU, share at IoU >= 0.5 (baseline only)"
+    summary = (
+        "text query -> heads (locate) / READ / VL-SAM -> SAM on testbed scenes: mask mIoU, share at IoU >= 0.5, "
+        "box accuracy (baseline only)"
+    )
     task = "segment"
     KIND = "mask"
     PARAMS = {
         **_Grounding.PARAMS,
         "prompt": Param(str, "point", "what SAM gets from the located map: point | box | point_box"),
         "sam": Param(str, "testbed", "SAM spec as `lucid segment --sam` (testbed: the embedded tiny SAM)"),
+        "method": Param(
+            str,
+            "heads",
+            "the path to SAM, as `lucid segment --method`: heads | read[:k=v;...] | vl-sam[:k=v;...] (options: ';')",
+        ),
     }
+    HEADS_ONLY = ("prompt", "threshold", "peak_fraction", "sigma")  # the heads' options: not READ's or VL-SAM's
 
     def setup(self) -> None:
         super().setup()
         how = self.params["prompt"]
         if how not in ATTENTION_PROMPTS:
             raise SuiteError(f"suite {self.name}: prompt must be one of {', '.join(ATTENTION_PROMPTS)}, got {how!r}")
+        self.method, self.method_spec, self.method_params = method_spec(self.name, self.params["method"])
+        if self.method != "heads":
+            given = [k for k in self.HEADS_ONLY if self.params[k] != self.PARAMS[k].default]
+            if given:
+                raise SuiteError(
+                    f"suite {self.name}: {given[0]}= belongs to method=heads, not method={self.params['method']}"
+                )
         from grounding.sam import check_sam_spec
 
         check_sam_spec(self.params["sam"])
 
-    def files(self) -> list[Path]:
-        from grounding.sam import TESTBED_SAM
+    def config(self) -> dict:
+        out = super().config()
+        if self.method == "heads":  # the default: the configuration (and so the cell key) of before `method=`
+            out["params"].pop("method")
+        else:
+            out["method"] = {"name": self.method, "spec": self.method_spec, "params": vars(self.method_params)}
+        return out
 
-        spec = self.params["sam"].strip()
-        d = TESTBED_SAM if spec == "testbed" else Path(spec)
-        return [d / "model.safetensors"] if (d / "model.safetensors").is_file() else []
+    def files(self) -> list[Path]:
+        return _sam_files(self.params["sam"])
 
     def task_payload(self, samples: list[Sample]) -> dict:
-        return {**super().task_payload(samples), "sam": self.params["sam"].strip(), "prompt": self.params["prompt"]}
+        out = {**super().task_payload(samples), "sam": self.params["sam"].strip(), "prompt": self.params["prompt"]}
+        return out if self.method == "heads" else {**out, "method": self.method_spec}
 
     def judge(self, sample: Sample, answer, finish_reason: str = "segmented") -> dict:
         from grounding.scoring import box_iou, mask_iou, on_mask
         from grounding.segment import decode_rle
 
         it = self.item(sample)
+        if answer["mask"] is None:  # VL-SAM found no candidate for the query: IoU 0, as vlsam_to_sam scores it
+            return {"pred": None, "stats": {"mask_iou": 0.0, "box_iou": 0.0, "on_object": 0}}
         mask = decode_rle(answer["mask"])
         box = tuple(answer["box"])
+        pixel = answer["pixel"]
         return {
-            "pred": {"box": [round(v, 2) for v in box], "pixel": answer["pixel"], "sam_score": answer["score"]},
+            "pred": {"box": [round(v, 2) for v in box], "pixel": pixel, "sam_score": answer["score"]},
             "stats": {
                 "mask_iou": mask_iou(mask, it.mask),
                 "box_iou": float(box_iou(box, tuple(float(v) for v in it.bbox))),
-                "on_object": int(on_mask(it.mask, tuple(answer["pixel"]))),
+                "on_object": int(pixel is not None and on_mask(it.mask, tuple(pixel))),
+            },
+        }
+
+
+_SCENES: dict[tuple[int, int], list] = {}
+
+
+def scene_list(seed: int, n: int) -> list:
+    """`testbed.world.scenes.scenes(seed, n, WorldConfig())` (the held-out scenes), drawn once per process."""
+    if (seed, n) not in _SCENES:
+        from testbed.world.scenes import WorldConfig, scenes
+
+        _SCENES[(seed, n)] = list(scenes(seed, n, WorldConfig()))
+    return _SCENES[(seed, n)]
+
+
+class TestbedDetect(Suite):
+    name = "testbed-detect"
+    summary = "open-ended VL-SAM (`lucid segment --all`) per testbed scene: box / mask AP@0.5, recall, absent names"
+    task = "detect"
+    uses_methods = False
+    KIND = "detect"
+    PARAMS = {
+        "n": Param(int, 200, "held-out scenes (one sample each)"),
+        "seed": Param(int, 12345, "seed of the held-out scenes"),
+        "method": Param(str, "vl-sam", "the open-ended method, as `lucid segment --all --method`: vl-sam[:k=v;...]"),
+        "sam": Param(str, "testbed", "SAM spec as `lucid segment --sam` (testbed: the embedded tiny SAM)"),
+    }
+
+    def setup(self) -> None:
+        if int(self.params["n"]) < 1:
+            raise SuiteError(f"suite {self.name}: n must be >= 1")
+        if int(self.params["seed"]) < 0:
+            raise SuiteError(f"suite {self.name}: seed must be >= 0")
+        _, self.method_spec, self.method_params = method_spec(self.name, self.params["method"], ("vl-sam",))
+        from grounding.sam import check_sam_spec
+
+        check_sam_spec(self.params["sam"])
+
+    def config(self) -> dict:
+        return {**super().config(), "method": {"spec": self.method_spec, "params": vars(self.method_params)}}
+
+    def splits(self) -> dict[str, str]:
+        return {"heldout": self.KIND}
+
+    def scenes(self) -> list:
+        return scene_list(int(self.params["seed"]), int(self.params["n"]))
+
+    def samples(self) -> list[Sample]:
+        return [
+            Sample(
+                id=f"heldout/{i}",
+                split="heldout",
+                question=self.method_params.prompt,
+                image=sc.image,
+                max_new_tokens=0,
+                target={"objects": [{"label": o.name, "box": [int(v) for v in o.bbox]} for o in sc.objects]},
+                meta={"scene": i},
+            )
+            for i, sc in enumerate(self.scenes())
+        ]
+
+    def files(self) -> list[Path]:
+        return _sam_files(self.params["sam"])
+
+    def task_payload(self, samples: list[Sample]) -> dict:
+        return {"sam": self.params["sam"].strip(), "method": self.method_spec}
+
+    def judge(self, sample: Sample, answer, finish_reason: str = "detected") -> dict:
+        from types import SimpleNamespace
+
+        from grounding.segment import decode_rle
+        from testbed.studies.sam_eval import detection_hits
+
+        scene = self.scenes()[sample.meta["scene"]]
+        gt = [(o.name, o.mask, tuple(float(v) for v in o.bbox)) for o in scene.objects]
+        dets = sorted(
+            (
+                SimpleNamespace(label=o["label"], score=o["score"], box=tuple(o["box"]), mask=decode_rle(o["mask"]))
+                for o in answer["objects"]
+            ),
+            key=lambda o: -o.score,
+        )
+        hits = detection_hits(dets, gt)
+        present, named = {g[0] for g in gt}, set(answer["named"])
+        return {
+            "pred": [{"label": o.label, "score": round(o.score, 6), "box": [round(v, 2) for v in o.box]} for o in dets],
+            "stats": {
+                "det_label": [o.label for o in dets],
+                "det_score": [float(o.score) for o in dets],
+                "det_box_tp": [int(v) for v in hits["box"]],
+                "det_mask_tp": [int(v) for v in hits["mask"]],
+                "gt_label": [g[0] for g in gt],
+                "objects": len(gt),
+                "matched": int(sum(hits["mask"])),
+                "present": len(present),
+                "named": len(named),
+                "named_present": len(named & present),
+                "named_absent": len(named - present),
+                "detections": len(dets),
             },
         }

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from grounding.sam import SamPrompt, Segmenter
-from grounding.scoring import box_iou, mask_iou, on_mask
+from grounding.scoring import average_precision, box_iou, mask_iou, match_detections, on_mask
 from grounding.segment import ATTENTION_PROMPTS, attention_prompt
 from testbed.world.foreign import draw_foreign_scene
 from testbed.world.scenes import WorldConfig, render_scene
@@ -281,25 +281,22 @@ def vlsam_to_sam(
     return out
 
 
-def average_precision(scored: list[tuple[float, bool]], n_gt: int) -> float:
-    """COCO-style AP (101-point interpolated precision) of detections (score, is_true_positive) against
-    `n_gt` ground-truth objects; NaN without ground truth."""
-    if n_gt == 0:
-        return float("nan")
-    if not scored:
-        return 0.0
-    order = sorted(scored, key=lambda s: -s[0])
-    tp = np.cumsum([float(t) for _, t in order])
-    fp = np.cumsum([1.0 - float(t) for _, t in order])
-    recall = tp / n_gt
-    precision = tp / np.maximum(tp + fp, 1e-12)
-    for i in range(len(precision) - 2, -1, -1):  # the precision envelope
-        precision[i] = max(precision[i], precision[i + 1])
-    ap = 0.0
-    for r in np.linspace(0, 1, 101):
-        k = np.searchsorted(recall, r, side="left")
-        ap += precision[k] if k < len(precision) else 0.0
-    return float(ap / 101)
+def detection_hits(objects, gt: list[tuple[str, np.ndarray, tuple]]) -> dict[str, list[bool]]:
+    """Open-ended detections (`.label`, `.score`, `.box`, `.mask`) against a scene's objects (name, mask,
+    box): per kind ("box", "mask") whether each detection, in order of decreasing score, is a true positive
+    at IoU 0.5 (`grounding.scoring.match_detections`). `vlsam_open_ended` and the `testbed-detect` eval
+    suite both score with it."""
+    ranked = sorted(objects, key=lambda o: -o.score)
+    labels, scores, names = [o.label for o in ranked], [o.score for o in ranked], [g[0] for g in gt]
+    out = {}
+    for kind in ("box", "mask"):
+        iou = np.zeros((len(ranked), len(gt)))
+        for i, o in enumerate(ranked):
+            for j, (name, mask, bbox) in enumerate(gt):
+                if name == o.label:
+                    iou[i, j] = box_iou(tuple(o.box), bbox) if kind == "box" else mask_iou(o.mask, mask)
+        out[kind] = [m is not None for m in match_detections(labels, scores, names, iou)]
+    return out
 
 
 def vlsam_open_ended(
@@ -349,21 +346,11 @@ def vlsam_open_ended(
             absent += len(labels - present)
             named_hit += len(labels & present)
             n_pairs += len(present)
-            for kind in ("box", "mask"):
-                used: set[int] = set()
-                for o in sorted(objects, key=lambda o: -o.score):
-                    best, best_iou = None, 0.5
-                    for j, (name, mask, bbox) in enumerate(gt):
-                        if name != o.label or j in used:
-                            continue
-                        iou = box_iou(tuple(o.box), bbox) if kind == "box" else mask_iou(o.mask, mask)
-                        if iou >= best_iou:
-                            best, best_iou = j, iou
-                    if best is not None:
-                        used.add(best)
-                    det[kind][o.label].append((o.score, best is not None))
+            for kind, tps in detection_hits(objects, gt).items():
+                for o, tp in zip(sorted(objects, key=lambda o: -o.score), tps):
+                    det[kind][o.label].append((o.score, tp))
                 if kind == "mask":
-                    matched += len(used)
+                    matched += sum(tps)
         row: dict = {"params": params.changed()}
         for kind in ("box", "mask"):
             aps = [average_precision(det[kind].get(c, []), n) for c, n in n_gt.items()]

@@ -1,0 +1,120 @@
+"""The web page's segment form in headless Chromium, against the REST app on the in-process backend (no Ray:
+uvicorn in a thread, one torch thread): a READ query and an all-objects (VL-SAM open-ended) request, what the
+page posts to /v1/segment and that it draws and lists what the API returned."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENE = ROOT / "testbed" / "examples" / "scene.png"
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def url():
+    import torch
+    import uvicorn
+
+    from serve.api import make_app
+    from serve.config import AppConfig
+    from serve.runners import LocalBackend
+
+    torch.set_num_threads(1)
+    cfg = AppConfig()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(make_app(cfg, LocalBackend(cfg)), host="127.0.0.1", port=port, log_level="warning")
+    )
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.time() + 120
+    while not server.started and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.started
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    t.join(timeout=30)
+
+
+def done(page, n: str) -> None:
+    """Wait for the n-th segment result, or an error shown on the page (then fail with its message)."""
+    page.wait_for_function(
+        f"document.body.dataset.segmented === '{n}' || !!document.body.dataset.error", timeout=180_000
+    )
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (make test installs it)")
+def test_segment_form_read_and_all_objects(url, tmp_path):
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    posted: list[dict] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.on("request", lambda r: posted.append(json.loads(r.post_data)) if r.url.endswith("/v1/segment") else None)
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+        assert page.eval_on_selector_all("#seg-method option", "os => os.map(o => o.value)") == [
+            "heads",
+            "read",
+            "vl-sam",
+        ]
+        page.set_input_files("#file", str(SCENE))
+        page.wait_for_selector("#segment:not([disabled])", timeout=10_000)
+
+        # one READ request
+        page.select_option("#seg-method", "read")
+        page.fill("#seg-query", "the red circle")
+        page.click("#segment")
+        done(page, "1")
+        assert not page.evaluate("document.body.dataset.error || ''")
+        read_items = page.locator("#result-segment li").all_inner_texts()
+        page.locator("#canvas-segment").screenshot(path=str(tmp_path / "read.png"))
+
+        # one all-objects request: the method turns to vl-sam and the query is not sent
+        page.check("#seg-all")
+        assert page.input_value("#seg-method") == "vl-sam" and page.is_disabled("#seg-query")
+        page.click("#segment")
+        done(page, "2")
+        assert not page.evaluate("document.body.dataset.error || ''")
+        all_items = page.locator("#result-segment li").all_inner_texts()
+        assert "all objects (vl-sam)" in page.locator("#result-segment h2").inner_text()
+        page.locator("#canvas-segment").screenshot(path=str(tmp_path / "all.png"))
+        browser.close()
+
+    image = posted[0]["image"]
+    assert image.startswith("data:image/png;base64,")
+    assert posted == [
+        {"image": image, "query": "the red circle", "method": "read"},
+        {"image": image, "all": True, "method": "vl-sam"},
+    ]
+    # the page lists exactly what the API returns for the same requests, and paints the first mask
+    for req, items, shot in ((posted[0], read_items, "read.png"), (posted[1], all_items, "all.png")):
+        res = httpx.post(url + "/v1/segment", json=req, timeout=300).json()
+        assert len(items) == len(res["objects"]) >= 1
+        for li, o in zip(items, res["objects"]):
+            box = ", ".join(f"{v:.0f}" for v in o["box"])
+            assert li == f"{o['label']}: box [{box}], mask score {o['score']:.2f} ({o['source']})"
+        c = np.asarray(Image.open(tmp_path / shot).convert("RGB").resize((192, 192))).astype(int)
+        magenta = (c[..., 0] > 150) & (c[..., 1] < 130) & (c[..., 2] > 100)  # the first mask colour over the image
+        x0, y0, x1, y1 = (int(round(v)) for v in res["objects"][0]["box"])
+        inside = magenta[y0 + 3 : y1 - 3, x0 + 3 : x1 - 3]  # within the box outline: the mask, not the stroke
+        assert inside.size and inside.mean() > 0.3, (shot, inside.mean())
+    assert read_items[0].startswith("the red circle:") and read_items[0].endswith("(read)")
+    assert all(li.endswith("(vl-sam)") for li in all_items)
