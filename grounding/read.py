@@ -35,6 +35,8 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from grounding.options import parse_options
+
 TOKENS = ("auto", "seg", "target", "last")
 THRESHOLDS = ("minmax", "sigma")
 # LISA's first SHORT_QUESTION template (READ's training / eval questions), with the phrase's own article
@@ -122,33 +124,7 @@ def parse_read(spec: str) -> ReadParams:
     Raises:
         ValueError: another method name, an unknown option, or a bad value (the message names it).
     """
-    name, _, body = spec.partition(":")
-    if name.strip() != "read":
-        raise ValueError(f"not a read spec: {spec!r}")
-    types = {f.name: f.type for f in fields(ReadParams)}
-    values: dict = {}
-    for part in filter(None, (p.strip() for p in body.split(","))):
-        key, eq, raw = part.partition("=")
-        key = key.strip()
-        if not eq or key not in types:
-            known = ", ".join(types)
-            raise ValueError(f"read: unknown option {part!r} (options: {known})")
-        kind = types[key]
-        try:
-            if kind == "bool":
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                values[key] = raw.lower() in ("true", "1")
-            elif kind == "int":
-                values[key] = int(raw)
-            elif kind == "float":
-                values[key] = float(raw)
-            else:
-                values[key] = raw
-        except ValueError:
-            raise ValueError(f"read: {key} must be {kind}, got {raw!r}") from None
-    preset = values.pop("preset", "official")
-    return ReadParams.from_preset(preset, **values)
+    return parse_options(spec, "read", ReadParams)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from grounding.options import parse_options
+
 PARSERS = ("auto", "shapes", "list")
 HEAD_WEIGHTS = ("meanmax", "uniform")
 FLOWS = ("paper", "rollout", "none")
@@ -168,32 +170,7 @@ def parse_vlsam(spec: str) -> VlsamParams:
     Raises:
         ValueError: another method name, an unknown option, or a bad value (the message names it).
     """
-    name, _, body = spec.partition(":")
-    if name.strip() != "vl-sam":
-        raise ValueError(f"not a vl-sam spec: {spec!r}")
-    types = {f.name: f.type for f in fields(VlsamParams)}
-    values: dict = {}
-    for part in filter(None, (p.strip() for p in body.split(","))):
-        key, eq, raw = part.partition("=")
-        key = key.strip()
-        if not eq or key not in types:
-            raise ValueError(f"vl-sam: unknown option {part!r} (options: {', '.join(types)})")
-        kind = types[key]
-        try:
-            if kind == "bool":
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                values[key] = raw.lower() in ("true", "1")
-            elif kind == "int":
-                values[key] = int(raw)
-            elif kind == "float":
-                values[key] = float(raw)
-            else:
-                values[key] = raw
-        except ValueError:
-            raise ValueError(f"vl-sam: {key} must be {kind}, got {raw!r}") from None
-    preset = values.pop("preset", "official")
-    return VlsamParams.from_preset(preset, **values)
+    return parse_options(spec, "vl-sam", VlsamParams)
 
 
 # ------------------------------------------------------------------------------------ the attention flow
