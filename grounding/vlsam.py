@@ -696,18 +696,8 @@ class VlsamObject:
         return SegmentedObject(self.label, self.score, self.box, self.mask, self.points, None, "vl-sam", loc)
 
     def to_json(self) -> dict:
-        from grounding.segment import encode_rle
-
-        return {
-            "label": self.label,
-            "score": round(float(self.score), 6),
-            "box": [round(float(v), 2) for v in self.box],
-            "mask": encode_rle(self.mask),
-            "points": [[round(float(x), 2), round(float(y), 2), int(lab)] for x, y, lab in self.points],
-            "source": "vl-sam",
-            "scale": self.scale,
-            "question": self.question,
-        }
+        """`SegmentedObject.to_json()` plus the scale and question it came from."""
+        return {**self.segmented().to_json(), "scale": self.scale, "question": self.question}
 
 
 def merge(candidates: Sequence[Candidate], params: VlsamParams = VlsamParams(), top: int | None = None) -> list:
