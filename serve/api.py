@@ -4,6 +4,8 @@
 (`serve.app`) or the in-process `serve.runners.LocalBackend`. Everything a request can get wrong is
 answered here with a 4xx naming the field before any model work; a failure inside is a 500 carrying the
 request id (also in the log and the `x-request-id` header); the app keeps serving either way.
+With keys configured, `Envelope` answers 401 / 403 (`check_key`) before any route or body is read; a
+deployment's full queue (`serve.engine.Overloaded`) is a 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 
 from lucid.errors import ImageError, ImageTooLargeError, InputError
 from serve.config import AppConfig
-from serve.engine import ChatJob
+from serve.engine import ChatJob, Overloaded
 from serve.metrics import Metrics
 from serve.schemas import ChatRequest, EvalRequest, SegmentRequest, interventions_schema
 
@@ -47,9 +49,51 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param = status, message, type_, param
 
 
-def _body(status: int, message: str, type_: str, request_id: str, param: str | None = None, **more) -> JSONResponse:
+def _body(
+    status: int,
+    message: str,
+    type_: str,
+    request_id: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    **more,
+) -> JSONResponse:
     err = {"message": message, "type": type_, "param": param, "code": status, "request_id": request_id}
-    return JSONResponse({"error": err, **more}, status_code=status)
+    return JSONResponse({"error": err, **more}, status_code=status, headers=headers)
+
+
+# --------------------------------------------------------------------------------------------- keys
+
+ADMIN_PATHS = ("/v1/evals",)  # eval jobs: admin keys only
+
+
+def _matches(given: bytes, keys: list[str]) -> bool:
+    """Whether `given` is one of `keys`, in time that does not depend on which key (or how much of it)
+    matched: every key is compared, with hmac.compare_digest."""
+    import hmac
+
+    found = False
+    for k in keys:
+        found |= hmac.compare_digest(given, k.encode())
+    return found
+
+
+def check_key(cfg: AppConfig, path: str, authorization: str | None) -> tuple[int, str] | None:
+    """None when the request may go on, else (401 | 403, why). Keys are never echoed or logged."""
+    if not cfg.auth or path in cfg.auth_exempt:
+        return None
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return 401, "missing API key: send the header 'Authorization: Bearer KEY'"
+    given = token.encode("latin-1", "replace")
+    admin = _matches(given, cfg.admin_api_keys)
+    user = _matches(given, cfg.api_keys)
+    if not (admin or user):
+        return 401, "invalid API key"
+    if not admin and (path in ADMIN_PATHS or path.startswith(tuple(p + "/" for p in ADMIN_PATHS))):
+        return 403, "eval jobs need an admin API key (admin_api_keys)"
+    return None
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -254,6 +298,45 @@ def chat_jobs(req: ChatRequest, cfg: AppConfig, model_id: str) -> tuple[list[Cha
     return jobs, echo
 
 
+# --------------------------------------------------------------------------------------------- eval names
+
+SERVED_SAM = "served"  # what a suite's sam= may say for this server's SAM (its spec stays private)
+
+
+def eval_names(req: EvalRequest, cfg: AppConfig, served_id: str) -> EvalRequest:
+    """An eval request with what it names mapped to what the server was configured with: `models` are
+    ids (the served model's, or `eval_models`), never paths; a suite's `sam=` is 'testbed' or 'served'.
+
+    The file system is never looked at, so a refusal says the same for a path that exists and one that
+    does not. Raises ApiError 400."""
+    from evals.suites import SuiteError, parse_spec
+
+    allowed = {served_id: cfg.model, **cfg.eval_models}
+    valid = ", ".join(repr(k) for k in sorted(allowed))
+    models = []
+    for i, m in enumerate(req.models):
+        if m not in allowed:
+            raise ApiError(400, f"models.{i}: not a model id this server runs evals on; valid: {valid}", f"models.{i}")
+        models.append(allowed[m])
+    suites = []
+    for i, spec in enumerate(req.suites):
+        try:
+            name, params = parse_spec(spec)
+        except SuiteError as e:
+            raise ApiError(400, f"suites.{i}: {e}", f"suites.{i}") from None
+        if "sam" in params:
+            if params["sam"].strip() not in ("testbed", SERVED_SAM):
+                raise ApiError(
+                    400,
+                    f"suites.{i}: sam= may be 'testbed' or '{SERVED_SAM}' (this server's SAM), not a path or spec",
+                    f"suites.{i}",
+                )
+            params["sam"] = cfg.sam if params["sam"].strip() == SERVED_SAM else "testbed"
+            spec = name + ":" + ",".join(f"{k}={v}" for k, v in params.items())
+        suites.append(spec)
+    return req.model_copy(update={"models": models, "suites": suites})
+
+
 def _choice_extras(res: dict) -> dict:
     out = {k: res[k] for k in ("risk", "timings") if k in res}
     for k in ("heatmap", "located", "views"):
@@ -275,6 +358,9 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
         "interventions, grounding and hallucination risk; segmentation; evaluation jobs.",
     )
     metrics = Metrics()
+    from serve.config import deployment_limits
+
+    metrics.set_limits(deployment_limits(cfg))
     state: dict[str, Any] = {"model_id": cfg.model_name or None}
 
     async def model_id() -> str:
@@ -298,6 +384,11 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return _body(exc.status, exc.message, exc.type, request.state.rid, exc.param)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded):
+        metrics.rejected.labels(_route_of(request.url.path), exc.deployment).inc()
+        return _overloaded_body(exc, cfg, request.state.rid)
 
     # ------------------------------------------------------------------ routes
 
@@ -348,8 +439,9 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
         created = int(time.time())
         cid = f"chatcmpl-{rid}"
         if req.stream:
+            items = await _prefetched(backend.chat_stream(jobs[0]))  # a full queue: 503 before the stream
             return StreamingResponse(
-                _sse(backend, jobs[0], req, cid, created, mid, echo, rid),
+                _sse(backend, items, jobs[0], req, cid, created, mid, echo, rid),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache"},
             )
@@ -515,8 +607,9 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
 
     @app.post("/v1/evals", status_code=201)
     async def submit_eval(req: EvalRequest, request: Request):
-        jobs = _evals()
         request.state.method = "+".join(req.suites)
+        req = eval_names(req, cfg, await model_id())  # what it names is checked first (400 before 503)
+        jobs = _evals()
         try:
             return await jobs.submit(req, cfg.model)
         except InputError as e:
@@ -621,6 +714,17 @@ class Envelope:
             return msg
 
         length = headers.get("content-length", "")
+        refused = check_key(self.cfg, path, headers.get("authorization"))
+        if refused is not None:
+            code, why = refused
+            www = 'Bearer realm="lucid"' + (', error="invalid_token"' if why == "invalid API key" else "")
+            kind = "authentication_error" if code == 401 else "permission_error"
+            hdrs = {"www-authenticate": www} if code == 401 else None
+            try:
+                await _body(code, why, kind, rid, headers=hdrs)(scope, receive, send_)
+            finally:
+                self.metrics.observe(scope["method"], route, state["method"], status[0], time.perf_counter() - t)
+            return
         try:
             if length.isdigit() and int(length) > limit:
                 raise _TooLarge
@@ -638,7 +742,14 @@ class Envelope:
             self.metrics.observe(scope["method"], route, state["method"], status[0], time.perf_counter() - t)
 
 
+def _overloaded_body(exc: Overloaded, cfg: AppConfig, rid: str) -> JSONResponse:
+    msg = f"the server is at its queue limit ({exc.deployment}: max_queued_requests); retry after {cfg.retry_after_s} s"
+    return _body(503, msg, "overloaded", rid, headers={"retry-after": str(cfg.retry_after_s)})
+
+
 def _route_of(path: str) -> str:
+    if path in _ROUTES:
+        return path
     return "/v1/evals/{id}" if path.startswith("/v1/evals/") else "other"
 
 
@@ -659,7 +770,32 @@ async def _add_masks(backend, image: np.ndarray, results: list[dict]) -> None:
             res["timings"]["sam_s"] = done[key]["timings"].get("sam_s")
 
 
-async def _sse(backend, job: ChatJob, req: ChatRequest, cid: str, created: int, mid: str, echo: dict, rid: str):
+async def _prefetched(items):
+    """`items` with its first item already pulled, so that a deployment's full queue (Overloaded) is
+    raised here, before the response starts (a 503, not an error event); any other failure is raised
+    where it was, inside the stream."""
+    head, failed = [], None
+    try:
+        head.append(await items.__anext__())
+    except Overloaded:
+        raise
+    except StopAsyncIteration:
+        pass
+    except Exception as e:  # answered inside the stream, as before
+        failed = e
+
+    async def replay():
+        for x in head:
+            yield x
+        if failed is not None:
+            raise failed
+        async for x in items:
+            yield x
+
+    return replay()
+
+
+async def _sse(backend, items, job: ChatJob, req: ChatRequest, cid: str, created: int, mid: str, echo: dict, rid: str):
     """OpenAI's chat.completion.chunk events; the last chunk carries the finish reason and `lucid`."""
 
     def chunk(delta: dict, finish: str | None = None, **more) -> str:
@@ -677,7 +813,7 @@ async def _sse(backend, job: ChatJob, req: ChatRequest, cid: str, created: int, 
     yield chunk({"role": "assistant", "content": ""})
     result = None
     try:
-        async for item in backend.chat_stream(job):
+        async for item in items:
             if "delta" in item:
                 yield chunk({"content": item["delta"]})
             elif "result" in item:
@@ -693,6 +829,10 @@ async def _sse(backend, job: ChatJob, req: ChatRequest, cid: str, created: int, 
                 return
         if req.grounding.masks and result is not None:
             await _add_masks(backend, job.image, [result])
+    except Overloaded as e:
+        yield _sse_error(f"the server is at its queue limit ({e.deployment}); retry later", "overloaded", 503, rid)
+        yield "data: [DONE]\n\n"
+        return
     except Exception:
         log.error("request %s failed while streaming:\n%s", rid, traceback.format_exc())
         yield _sse_error(f"internal error (request id {rid})", "internal_error", 500, rid)

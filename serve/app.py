@@ -18,9 +18,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
-from serve.config import AppConfig, app_config
-from serve.engine import ChatJob
+from serve.config import AppConfig, app_config, deployment_limits, with_keys
+from serve.engine import ChatJob, Overloaded
 
 _FAST_SHUTDOWN = {"graceful_shutdown_timeout_s": 2.0, "graceful_shutdown_wait_loop_s": 0.5}
 
@@ -89,45 +90,61 @@ class SamServer:
 
 
 class ServeBackend:
-    """The API's backend over deployment handles."""
+    """The API's backend over deployment handles; a full queue raises serve.api.Overloaded."""
 
     def __init__(self, vlm, sam) -> None:
         self.vlm, self.sam = vlm, sam
 
+    async def _vlm(self, method: str, *args):
+        try:
+            return await getattr(self.vlm, method).remote(*args)
+        except BackPressureError as e:
+            raise Overloaded("VLMServer", str(e)) from None
+
+    async def _sam(self, method: str, *args):
+        try:
+            return await getattr(self.sam, method).remote(*args)
+        except BackPressureError as e:
+            raise Overloaded("SamServer", str(e)) from None
+
     async def info(self) -> dict:
-        return await self.vlm.info.remote()
+        return await self._vlm("info")
 
     async def chat(self, jobs: list[ChatJob]) -> list[dict]:
-        return await self.vlm.chat.remote(jobs)
+        return await self._vlm("chat", jobs)
 
     async def chat_stream(self, job: ChatJob) -> AsyncIterator[dict]:
-        async for item in self.vlm.options(stream=True).chat_stream.remote(job):
-            yield item
+        try:
+            async for item in self.vlm.options(stream=True).chat_stream.remote(job):
+                yield item
+        except BackPressureError as e:
+            raise Overloaded("VLMServer", str(e)) from None
 
     async def locate(self, image, queries: list[str]) -> list[dict]:
-        return await self.vlm.locate.remote(image, queries)
+        return await self._vlm("locate", image, queries)
 
     async def read(self, image, queries: list[str], method: str) -> list[dict]:
-        return await self.vlm.read.remote(image, queries, method)
+        return await self._vlm("read", image, queries, method)
 
     async def vlsam(self, image, query: str | None, method: str) -> tuple[list, float]:
-        return await self.vlm.vlsam.remote(image, query, method)
+        return await self._vlm("vlsam", image, query, method)
 
     async def segment(self, image, points: list, boxes: list) -> dict:
-        return await self.sam.segment.remote(image, points, boxes)
+        return await self._sam("segment", image, points, boxes)
 
     async def segment_located(self, image, located: list[dict], how: str = "point") -> dict:
-        return await self.sam.segment_located.remote(image, located, how)
+        return await self._sam("segment_located", image, located, how)
 
     async def segment_vlsam(self, image, maps: list, method: str, referring: bool) -> dict:
-        return await self.sam.segment_vlsam.remote(image, maps, method, referring)
+        return await self._sam("segment_vlsam", image, maps, method, referring)
 
 
 @serve.deployment(**_FAST_SHUTDOWN)
 @serve.ingress()
 class Api:
     def __init__(self, vlm, sam, cfg: dict) -> None:
-        self.cfg = AppConfig(**cfg)
+        # keys in the replica's environment count too (`serve deploy FILE` with runtime_env env_vars)
+        self.cfg = with_keys(AppConfig(**cfg))
         self.backend = ServeBackend(vlm, sam)
 
     def __serve_build_asgi_app__(self):
@@ -152,17 +169,18 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The application for `args` (AppConfig fields). Also the import path of a Serve config file."""
     cfg = app_config(args) if not isinstance(args, AppConfig) else args
     plain = cfg.model_dump()
+    lim = deployment_limits(cfg)
     vlm = VLMServer.options(
         num_replicas=cfg.vlm_replicas,
         ray_actor_options={"num_cpus": cfg.vlm_cpus, "num_gpus": cfg.vlm_gpus},
-        max_ongoing_requests=max(cfg.max_ongoing_requests, cfg.max_batch_size),
+        **lim["VLMServer"],
     ).bind(plain)
     sam = SamServer.options(
         num_replicas=cfg.sam_replicas,
         ray_actor_options={"num_cpus": cfg.sam_cpus, "num_gpus": cfg.sam_gpus},
-        max_ongoing_requests=max(8, cfg.max_ongoing_requests),
+        **lim["SamServer"],
     ).bind(plain)
-    return Api.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}, max_ongoing_requests=256).bind(vlm, sam, plain)
+    return Api.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}, **lim["Api"]).bind(vlm, sam, plain)
 
 
 #: the embedded default as an Application, for `serve build serve.app:app -o lucid.yaml` (which wants an

@@ -26,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lucid.errors import InputError
 
 IMPORT_PATH = "serve.app:build_app"
+#: paths answered without a key by default: the page, health, readiness, metrics and the OpenAPI document
+AUTH_EXEMPT = ("/", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
+KEYS_ENV, ADMIN_KEYS_ENV = "LUCID_API_KEYS", "LUCID_ADMIN_API_KEYS"
 APP_NAME = "lucid"
 
 
@@ -69,6 +72,27 @@ class AppConfig(BaseModel):
         None, description="Ray dashboard URL for eval jobs (default: the one of the cluster the service runs on)"
     )
     eval_root: str = Field("out/evals", description="where eval jobs write (a path the head node sees)")
+    eval_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="more models eval jobs may name, id -> checkpoint ('testbed' or a directory); the served "
+        "model is always there under its id",
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        repr=False,
+        description="keys clients send as `Authorization: Bearer KEY`; none: no auth (loopback only)",
+    )
+    admin_api_keys: list[str] = Field(
+        default_factory=list, repr=False, description="keys that may also run eval jobs (/v1/evals)"
+    )
+    auth_exempt: list[str] = Field(
+        default_factory=lambda: list(AUTH_EXEMPT),
+        description="paths answered without a key when keys are configured (every other path needs one)",
+    )
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="per VLM / SAM deployment: requests over it get a fast 503 (-1: no limit)"
+    )
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After of a 503 over the queue limit")
 
     @field_validator("allow_remote")
     @classmethod
@@ -77,6 +101,19 @@ class AppConfig(BaseModel):
             if not p.startswith(("http://", "https://")) or p.count("/") < 3:
                 raise ValueError(f"{p!r}: a prefix is scheme://host/ (e.g. 'https://images.example.com/')")
         return v
+
+    @field_validator("api_keys", "admin_api_keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        for i, k in enumerate(v):  # the message names the position, never the key
+            if not k or not k.isprintable() or any(c.isspace() for c in k) or not k.isascii():
+                raise ValueError(f"key {i}: a key is printable ASCII without spaces (it travels in a header)")
+        return v
+
+    @property
+    def auth(self) -> bool:
+        """Whether requests need a key (any key configured)."""
+        return bool(self.api_keys or self.admin_api_keys)
 
     @property
     def torch_threads(self) -> int:
@@ -137,6 +174,64 @@ def read_config(path: str | Path) -> tuple[AppConfig, HttpOptions, dict]:
     except ValidationError as e:
         raise ConfigError(_errors(e, f"config {path}: applications[].args")) from None
     return cfg, http, doc
+
+
+def deployment_limits(cfg: AppConfig) -> dict[str, dict[str, int]]:
+    """Per deployment, the Serve options `max_ongoing_requests` (per replica) and `max_queued_requests`
+    (per caller; -1: none) `build_app` declares."""
+    return {
+        "VLMServer": {
+            "max_ongoing_requests": max(cfg.max_ongoing_requests, cfg.max_batch_size),
+            "max_queued_requests": cfg.max_queued_requests,
+        },
+        "SamServer": {
+            "max_ongoing_requests": max(8, cfg.max_ongoing_requests),
+            "max_queued_requests": cfg.max_queued_requests,
+        },
+        "Api": {"max_ongoing_requests": 256, "max_queued_requests": -1},
+    }
+
+
+def read_key_file(path: str | Path) -> list[str]:
+    """One key per line; blank lines and `#` comments are skipped (ConfigError: unreadable, or no key)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read key file {path}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
+    keys = [x.strip() for x in lines if x.strip() and not x.strip().startswith("#")]
+    if not keys:
+        raise ConfigError(f"key file {path} holds no key (one key per line; blank lines and # comments are skipped)")
+    return keys
+
+
+def env_keys(value: str | None) -> list[str]:
+    """A comma-separated environment variable -> keys."""
+    return [k.strip() for k in (value or "").split(",") if k.strip()]
+
+
+def with_keys(
+    cfg: AppConfig,
+    key_file: str | Path | None = None,
+    admin_key_file: str | Path | None = None,
+    environ: dict[str, str] | None = None,
+) -> AppConfig:
+    """`cfg` with the keys of the files and of LUCID_API_KEYS / LUCID_ADMIN_API_KEYS added (deduplicated)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    keys = [*cfg.api_keys, *(read_key_file(key_file) if key_file else []), *env_keys(environ.get(KEYS_ENV))]
+    admin = [
+        *cfg.admin_api_keys,
+        *(read_key_file(admin_key_file) if admin_key_file else []),
+        *env_keys(environ.get(ADMIN_KEYS_ENV)),
+    ]
+    try:
+        return AppConfig(
+            **{**cfg.model_dump(), "api_keys": list(dict.fromkeys(keys)), "admin_api_keys": list(dict.fromkeys(admin))}
+        )
+    except ValidationError as e:
+        raise ConfigError(_errors(e, "API keys")) from None
 
 
 def serve_document(cfg: AppConfig, host: str = "127.0.0.1", port: int = 8000) -> dict:

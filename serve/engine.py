@@ -29,6 +29,14 @@ import numpy as np
 Head = tuple[int, int]
 
 
+class Overloaded(Exception):
+    """A deployment's queue is full (Serve's `max_queued_requests`): the API answers 503 + Retry-After."""
+
+    def __init__(self, deployment: str, message: str = "") -> None:
+        super().__init__(message or f"{deployment} is at its queue limit")
+        self.deployment = deployment
+
+
 @dataclass(frozen=True)
 class ChatJob:
     """One choice of a chat request. `methods`: the registry's JSON specs ({"name", "params"})."""

@@ -4,11 +4,14 @@
   interventions of a chat request joined by "+", "none", or the kind of a segment request).
 * `lucid_request_latency_seconds{route, method}`: a histogram of time to the response's start.
 * `lucid_request_errors_total{route, method, status}`: responses with status >= 400.
+* `lucid_rejected_total{route, deployment}`: requests answered 503 because a deployment's queue was full.
+* `lucid_deployment_limit{deployment, limit}`: the Serve limits declared (`max_ongoing_requests` per
+  replica, `max_queued_requests` per caller, -1: none).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -37,6 +40,24 @@ class Metrics:
             ["route", "method", "status"],
             registry=self.registry,
         )
+
+        self.rejected = Counter(
+            "lucid_rejected",
+            "Requests refused with 503 because a deployment's queue was full",
+            ["route", "deployment"],
+            registry=self.registry,
+        )
+        self.limits = Gauge(
+            "lucid_deployment_limit",
+            "Serve limits per deployment (max_ongoing_requests per replica, max_queued_requests; -1: none)",
+            ["deployment", "limit"],
+            registry=self.registry,
+        )
+
+    def set_limits(self, limits: dict[str, dict[str, int]]) -> None:
+        for dep, kv in limits.items():
+            for k, v in kv.items():
+                self.limits.labels(dep, k).set(v)
 
     def observe(self, http_method: str, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(http_method, route, method, str(status)).inc()

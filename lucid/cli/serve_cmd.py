@@ -32,14 +32,34 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
         address: Annotated[
             str | None, typer.Option(help="Join a running Ray cluster (auto or HOST:PORT) instead of starting one.")
         ] = None,
+        api_key_file: Annotated[
+            Path | None,
+            typer.Option(
+                help="API keys, one a line (# comments); also LUCID_API_KEYS=k1,k2 and the config's api_keys."
+            ),
+        ] = None,
+        admin_api_key_file: Annotated[
+            Path | None,
+            typer.Option(help="Admin keys (may also run eval jobs); also LUCID_ADMIN_API_KEYS, admin_api_keys."),
+        ] = None,
+        insecure_no_auth: Annotated[
+            bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback host without API keys.")
+        ] = False,
     ) -> None:
         """Serve Lucid over REST (OpenAI-compatible chat, segment, evals, a web page) until Ctrl-C."""
-        from serve.config import AppConfig, HttpOptions, read_config
+        from serve.config import AppConfig, HttpOptions, read_config, with_keys
 
         if config is not None:
             cfg, http, _ = read_config(config)
         else:
             cfg, http = AppConfig(), HttpOptions()
+        cfg = with_keys(cfg, api_key_file, admin_api_key_file)
+        bind = host or http.host
+        if not cfg.auth and not _loopback(bind) and not insecure_no_auth:
+            raise InputError(
+                f"refusing to listen on {bind} without API keys (anyone who reaches it could use it): give "
+                "--api-key-file FILE, LUCID_API_KEYS or api_keys in the config, or pass --insecure-no-auth"
+            )
         over = {k: v for k, v in {"model": model, "sam": sam}.items() if v is not None}
         if image_root is not None:
             if not image_root.is_dir():
@@ -58,7 +78,29 @@ def register(app: typer.Typer, testbed_app: typer.Typer) -> None:
         from grounding.sam import check_sam_spec
 
         check_sam_spec(cfg.sam)
-        run_server(cfg, host or http.host, http.port if port is None else port, address)
+        run_server(cfg, bind, http.port if port is None else port, address)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def auth_line(cfg, host: str) -> str:
+    """What `lucid serve` says about keys at start-up (counts, never the keys)."""
+    if cfg.auth:
+        return (
+            f"lucid serve: API keys required on every route but {', '.join(cfg.auth_exempt) or 'none'} "
+            f"({len(cfg.api_keys)} key(s), {len(cfg.admin_api_keys)} admin key(s) for /v1/evals)"
+        )
+    where = "loopback only" if _loopback(host) else "NOT loopback: --insecure-no-auth"
+    return f"lucid serve: no API keys configured: anyone who reaches {host} can call it ({where})"
 
 
 def run_server(cfg, host: str, port: int, address: str | None = None) -> None:
@@ -115,6 +157,7 @@ def run_server(cfg, host: str, port: int, address: str | None = None) -> None:
             logging_config={"enable_access_log": False, "log_level": "WARNING"},
         )
         url = f"http://{host}:{port}"
+        typer.echo(auth_line(cfg, host), err=True)
         typer.echo(f"lucid serve: ready at {url} ({time.perf_counter() - t0:.1f} s; Ctrl-C stops)", err=True)
         typer.echo(url)
         sys.stdout.flush()
