@@ -29,7 +29,10 @@ from the abstract and third-party summaries (their formulas unchecked against th
 5. Refinement (`iterations`, 2): iteration 1 feeds the mask's low-res logits back as SAM's `mask_input`
    with the same points; iteration 2 re-samples the points on attention x mask (the negative: the
    attention's minimum outside the mask, where attention x mask is 0 everywhere) and calls SAM with the
-   previous mask again.
+   previous mask again. `discover` (the other reading of step 2, an option: off by default) then looks
+   for further instances on attention x (1 - the masks found so far): while the remaining peak of the
+   min-max map is >= `discover_peak`, points on it (the same rule) and a fresh SAM call add a candidate,
+   at most `discover` per map.
 6. Multi-scale (`multiscale`): the whole image and its four corner quarters, each its own pipeline (VLM
    and SAM on the crop), masks pasted back; question ensemble (`questions` > 1): the first k of
    `question_list`; NMS (`nms_iou`, on masks, class-agnostic) over every candidate of every iteration's
@@ -90,6 +93,9 @@ class VlsamParams:
         negative: send the negative point.
         multimask: SAM's multimask_output on the first call (the best-scored mask is taken).
         iterations: 0 (points only), 1 (+ the mask fed back), 2 (+ points re-sampled on attention x mask).
+        discover: at most this many further instances per map from attention x (1 - masks) (0: off; the
+            paper's step 2 read as instance discovery, an ambiguous reading of it: an option).
+        discover_peak: discovery stops once the remaining min-max map's peak is below this.
         multiscale: also the four corner quarters of the image (the paper's default: on).
         questions: how many questions of `question_list` (the paper's default: 10; 1 = `prompt` alone).
         question_list: "testbed" (the testbed's 4 caption questions), "generic" (GENERIC_QUESTIONS), or
@@ -111,6 +117,8 @@ class VlsamParams:
     negative: bool = True
     multimask: bool = True
     iterations: int = 2
+    discover: int = 0
+    discover_peak: float = 0.5
     multiscale: bool = True
     questions: int = 10
     question_list: str = "auto"
@@ -139,6 +147,10 @@ class VlsamParams:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.iterations not in (0, 1, 2):
             raise ValueError(f"iterations must be 0, 1 or 2, got {self.iterations}")
+        if self.discover < 0:
+            raise ValueError(f"discover must be >= 0, got {self.discover}")
+        if not 0 < self.discover_peak <= 1:
+            raise ValueError(f"discover_peak must be in (0, 1], got {self.discover_peak}")
         if self.questions < 1:
             raise ValueError(f"questions must be >= 1, got {self.questions}")
         if not 0 < self.nms_iou <= 1:
@@ -595,7 +607,7 @@ class Candidate:
     mask: np.ndarray = field(repr=False, compare=False)
     score: float
     points: tuple[tuple[float, float, int], ...]
-    stage: int  # the iteration of the mask (0..iterations)
+    stage: int  # the iteration of the mask (0..iterations; iterations + k: the k-th discovered instance)
 
     @property
     def box(self) -> tuple[float, float, float, float]:
@@ -613,7 +625,8 @@ def _prompt(pos, neg, mask_input=None, multimask=None):
 
 def refine(segmenter, image: np.ndarray, maps: Sequence[ObjectMap], params: VlsamParams = VlsamParams()) -> list:
     """Points -> SAM -> refinement (module doc, steps 4-5) for every map, its view's SAM calls batched
-    (maps of one view share one image embedding). Returns `Candidate`s (one per map) in full-image pixels."""
+    (maps of one view share one image embedding). Returns `Candidate`s (one per map, then the instances
+    `discover` found) in full-image pixels."""
     H, W = image.shape[:2]
     out: list = [None] * len(maps)
     by_view: dict[tuple, list[int]] = {}
@@ -649,6 +662,44 @@ def refine(segmenter, image: np.ndarray, maps: Sequence[ObjectMap], params: Vlsa
             full[oy : oy + h, ox : ox + w] = s[0]
             points = ((p[0] + ox, p[1] + oy, 1),) + (((n[0] + ox, n[1] + oy, 0),) if n is not None else ())
             out[i] = Candidate(maps[i], full, float(s[1]), points, params.iterations)
+        for i, s in zip(idx, stage):
+            out += [
+                _placed(maps[i], m, score, pts, params.iterations + k + 1, (ox, oy), (H, W))
+                for k, (m, score, pts) in enumerate(discover(segmenter, crop, maps[i].pixels, s[0], params))
+            ]
+    return out
+
+
+def _placed(source, mask, score, pts, stage, offset, size) -> Candidate:
+    """A view's mask and points as a full-image `Candidate`."""
+    (ox, oy), (h, w) = offset, mask.shape
+    full = np.zeros(size, dtype=bool)
+    full[oy : oy + h, ox : ox + w] = mask
+    return Candidate(source, full, score, tuple((x + ox, y + oy, lab) for x, y, lab in pts), stage)
+
+
+def discover(segmenter, crop: np.ndarray, pixels: np.ndarray, found: np.ndarray, params: VlsamParams) -> list:
+    """Further instances of one map (`params.discover`): on attention x (1 - everything found so far), while
+    the remaining peak of the map's min-max values is >= `discover_peak`, the point rule and a fresh SAM
+    call; an empty mask or one adding no new pixel stops it. Returns (mask, score, points) in view pixels."""
+    norm = _minmax_nan(np.asarray(pixels, dtype=np.float64))
+    seen = ~np.isnan(norm)
+    explained = np.asarray(found, dtype=bool).copy()
+    out = []
+    for _ in range(params.discover):
+        rest = seen & ~explained
+        if not rest.any() or float(norm[rest].max()) < params.discover_peak:
+            break
+        residual = np.where(explained, 0.0, norm)
+        residual[~seen] = np.nan
+        p, n, _ = map_points(residual, params.threshold, params.negative)
+        (r,) = segmenter.segment(crop, [_prompt(p, n, multimask=params.multimask)])
+        mask = np.asarray(r.masks[r.best], dtype=bool)
+        if not (mask & ~explained).any():
+            break
+        pts = ((p[0], p[1], 1),) + (((n[0], n[1], 0),) if n is not None else ())
+        out.append((mask, float(r.scores[r.best]), pts))
+        explained |= mask
     return out
 
 
@@ -741,6 +792,7 @@ __all__ = [
     "VlsamParams",
     "aggregate_heads",
     "column_factors",
+    "discover",
     "flow_recorder",
     "head_weights",
     "map_points",

@@ -560,3 +560,36 @@ def test_rest_segment_vlsam_is_the_librarys(client):
         assert r.status_code == 400, r.text
         e = r.json()["error"]
         assert words in e["message"] and e["param"] == param, e
+
+
+def test_discovery_finds_a_second_instance_on_attention_outside_the_masks():
+    """A map with two blobs (peak 1 on one object, 0.8 on another): `discover` prompts SAM on the map with
+    the first object's mask removed and returns the other object; a remaining peak below `discover_peak`,
+    or discover=0, finds nothing."""
+    from grounding.sam import image_array, load_segmenter
+    from grounding.scoring import mask_iou
+    from grounding.vlsam import discover
+    from testbed.world.scenes import render_scene
+
+    scene = next(s for s in (render_scene(i) for i in range(200)) if len(s.objects) >= 2)
+    a, b = scene.objects[:2]
+    arr = image_array(scene.image)
+    h, w = arr.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+
+    def blob(o, peak):
+        ys, xs = np.nonzero(o.mask)
+        return peak * np.exp(-((yy - ys.mean()) ** 2 + (xx - xs.mean()) ** 2) / (2 * 6.0**2))
+
+    pixels = np.maximum(blob(a, 1.0), blob(b, 0.8))
+    seg = load_segmenter("testbed")
+    found = a.mask & ~b.mask
+    got = discover(seg, arr, pixels, found, VlsamParams(discover=3, multiscale=False))
+    assert got, "no instance discovered"
+    mask, _, pts = got[0]
+    assert pts[0][2] == 1 and b.mask[int(pts[0][1]), int(pts[0][0])]  # the positive lies on the other object
+    assert mask_iou(mask, b.mask) > mask_iou(mask, a.mask)
+    assert discover(seg, arr, pixels, found, VlsamParams(discover=3, discover_peak=0.9)) == []
+    assert discover(seg, arr, pixels, found, VlsamParams(discover=0)) == []
+    with pytest.raises(ValueError, match="discover must be >= 0"):
+        VlsamParams(discover=-1)
