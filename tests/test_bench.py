@@ -90,3 +90,15 @@ def test_a_run_of_some_paths_writes_its_own_sections_beside_the_full_tables():
     assert "sub 1" in keep_other_sections(other, merged, subset=True)  # another path's section stays
     new_full = "# Benchmarks\n\nintro 4\n\n## testbed: full 2\n\n| full 2 |\n"
     assert keep_other_sections(new_full, merged) == new_full + "\n## SAM: tiny\n\n| sam |\n"  # subsets go too
+
+
+def test_segment_bench_times_every_attention_to_sam_path():
+    from lucid.bench.segment import PATHS, measure, to_markdown
+
+    result = measure(rounds=1)
+    assert [r["path"] for r in result["rows"]] == list(PATHS)
+    assert all(r["median_ms"] > 0 for r in result["rows"])
+    assert result["rows"][0]["ratio"] == (1.0, 1.0, 1.0)  # heads against itself
+    text = to_markdown(result, threads=1)
+    for p in PATHS:
+        assert f"| {p} |" in text
