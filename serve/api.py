@@ -30,12 +30,20 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lucid.errors import ImageError, ImageTooLargeError, InputError
 from serve.config import AppConfig
 from serve.engine import ChatJob, Overloaded
 from serve.metrics import Metrics
-from serve.schemas import ChatRequest, EvalRequest, SegmentRequest, interventions_schema
+from serve.schemas import (
+    ChatRequest,
+    ErrorResponse,
+    EvalRequest,
+    SegmentRequest,
+    ValidationErrorResponse,
+    interventions_schema,
+)
 
 log = logging.getLogger("lucid.serve")
 STATIC = Path(__file__).parent / "static"
@@ -348,6 +356,50 @@ def _choice_extras(res: dict) -> dict:
 # --------------------------------------------------------------------------------------------- app
 
 
+_WHY = {
+    400: "a request the schema cannot fully judge: an undecodable or refused image, an unknown method or a bad "
+    "parameter, messages in an order LLaVA cannot take, a field combination, a value over a server limit",
+    401: "no or a wrong API key (when the server has keys)",
+    403: "a user key on eval jobs (they need an admin key)",
+    404: "not found (an unknown model or job)",
+    413: "an image over the byte or pixel limit, or a body over max_body_bytes",
+    422: "malformed JSON, or a body against this schema",
+    500: "an internal failure, naming the request id",
+    503: "a deployment's queue is full (Retry-After), or a service not enabled here",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The documented error responses of a route: the service's error shape (`ErrorResponse`)."""
+    return {
+        c: {"model": ValidationErrorResponse if c == 422 else ErrorResponse, "description": _WHY[c]}
+        for c in (*codes, 500)
+    }
+
+
+_NOT_READY = {
+    "type": "object",
+    "properties": {"ready": {"const": False}, "reason": {"type": "string"}},
+    "required": ["ready", "reason"],
+}
+_STREAM = {
+    "description": "a chat.completion; with stream: server-sent chat.completion.chunk events",
+    # OpenAPI 3.1: the schema of an event stream describes one event
+    "content": {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "data": {"type": "string", "description": "a chat.completion.chunk (JSON), then [DONE]"},
+                    "event": {"type": "string"},
+                },
+                "required": ["data"],
+            }
+        }
+    },
+}
+
+
 def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
     """The FastAPI app over `backend` (async chat / chat_stream / locate / segment / segment_located /
     info) and, for /v1/evals, `evals` (a `serve.evals.EvalJobs`, or None: 503)."""
@@ -381,6 +433,13 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
             422, msg, "invalid_request_error", request.state.rid, path or None, detail=jsonable_encoder(detail)
         )
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """Starlette's own refusals (an unknown path: 404, a method a route does not take: 405) in the
+        service's error shape, not FastAPI's {"detail": ...}."""
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        return _body(exc.status_code, str(exc.detail), kind, request.state.rid, headers=exc.headers)
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return _body(exc.status, exc.message, exc.type, request.state.rid, exc.param)
@@ -396,11 +455,20 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
     async def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=_errors())
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        responses={
+            503: {
+                "description": "not ready: the model replica does not answer (yet)",
+                "content": {"application/json": {"schema": _NOT_READY}},
+            },
+            **_errors(),
+        },
+    )
     async def readyz():
         try:
             info = await backend.info()
@@ -412,7 +480,7 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors(401, 503))
     async def models():
         info = await backend.info()
         return {
@@ -420,7 +488,7 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
             "data": [{"id": info["id"], "object": "model", "created": 0, "owned_by": "lucid", "lucid": info}],
         }
 
-    @app.get("/v1/interventions")
+    @app.get("/v1/interventions", responses=_errors(401))
     async def interventions():
         from mitigation.methods.registry import describe, schema
 
@@ -430,7 +498,7 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
             "request_schema": interventions_schema(),
         }
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={200: _STREAM, **_errors(400, 401, 404, 413, 422, 503)})
     async def chat(req: ChatRequest, request: Request):
         mid = await model_id()
         request.state.method = "+".join(i.name for i in req.interventions) or "none"
@@ -491,7 +559,7 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
             "lucid": lucid,
         }
 
-    @app.post("/v1/segment")
+    @app.post("/v1/segment", responses=_errors(400, 401, 413, 422, 503))
     async def segment(req: SegmentRequest, request: Request):
         request.state.method = "all" if req.all else "query" if req.query else "prompts"
         if req.all:
@@ -605,7 +673,7 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
             )
         return evals
 
-    @app.post("/v1/evals", status_code=201)
+    @app.post("/v1/evals", status_code=201, responses=_errors(400, 401, 403, 413, 422, 503))
     async def submit_eval(req: EvalRequest, request: Request):
         request.state.method = "+".join(req.suites)
         req = eval_names(req, cfg, await model_id())  # what it names is checked first (400 before 503)
@@ -615,7 +683,7 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
         except InputError as e:
             raise ApiError(400, str(e)) from None
 
-    @app.get("/v1/evals")
+    @app.get("/v1/evals", responses=_errors(401, 403, 503))
     async def list_evals():
         return {"object": "list", "data": await _evals().list()}
 
@@ -624,11 +692,11 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
             raise ApiError(404, f"no eval job {job_id!r}", "job_id", type_="not_found")
         return found
 
-    @app.get("/v1/evals/{job_id}")
+    @app.get("/v1/evals/{job_id}", responses=_errors(401, 403, 404, 422, 503))
     async def get_eval(job_id: str):
         return _found(job_id, await _evals().status(job_id))
 
-    @app.delete("/v1/evals/{job_id}")
+    @app.delete("/v1/evals/{job_id}", responses=_errors(401, 403, 404, 422, 503))
     async def stop_eval(job_id: str):
         return _found(job_id, await _evals().stop(job_id))
 

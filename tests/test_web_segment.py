@@ -1,6 +1,8 @@
 """The web page's segment form in headless Chromium, against the REST app on the in-process backend (no Ray:
 uvicorn in a thread, one torch thread): a READ query and an all-objects (VL-SAM open-ended) request, what the
-page posts to /v1/segment and that it draws and lists what the API returned."""
+page posts to /v1/segment and that it draws and lists what the API returned; and, on a server with API keys,
+the page's key field: the 401 shown without a key (and with a wrong one), the page working once the key is
+entered, the key kept in localStorage and sent as `Authorization: Bearer` on every request to /v1/*."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import shutil
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,22 +26,33 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="module")
-def url():
-    import torch
-    import uvicorn
+KEY = "sk-page-3f9a1c"
 
-    from serve.api import make_app
+
+@pytest.fixture(scope="module")
+def backend():
+    import torch
+
     from serve.config import AppConfig
     from serve.runners import LocalBackend
 
     torch.set_num_threads(1)
-    cfg = AppConfig()
+    return LocalBackend(AppConfig())
+
+
+@contextmanager
+def serving(backend, **cfg):
+    """The app (AppConfig(**cfg)) on uvicorn in a thread, on a free loopback port: its base URL."""
+    import uvicorn
+
+    from serve.api import make_app
+    from serve.config import AppConfig
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(make_app(cfg, LocalBackend(cfg)), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(make_app(AppConfig(**cfg), backend), host="127.0.0.1", port=port, log_level="warning")
     )
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
@@ -46,9 +60,17 @@ def url():
     while not server.started and time.time() < deadline:
         time.sleep(0.1)
     assert server.started
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    t.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        t.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def url(backend):
+    with serving(backend) as u:
+        yield u
 
 
 def done(page, n: str) -> None:
@@ -118,3 +140,54 @@ def test_segment_form_read_and_all_objects(url, tmp_path):
         assert inside.size and inside.mean() > 0.3, (shot, inside.mean())
     assert read_items[0].startswith("the red circle:") and read_items[0].endswith("(read)")
     assert all(li.endswith("(vl-sam)") for li in all_items)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (make test installs it)")
+def test_the_page_on_a_server_with_api_keys(backend):
+    from playwright.sync_api import sync_playwright
+
+    sent: list[tuple[str, str | None]] = []  # (path, authorization) of every request to /v1/*
+    with serving(backend, api_keys=[KEY]) as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.on(
+            "request",
+            lambda r: sent.append((r.url[len(base) :], r.headers.get("authorization"))) if "/v1/" in r.url else None,
+        )
+        page.goto(base + "/")  # the page itself is exempt; its API calls are not
+        page.wait_for_function("!!document.body.dataset.error", timeout=60_000)
+        status = page.inner_text("#status")
+        assert "401" in status and "missing API key" in status and "enter the server's API key" in status, status
+        assert page.evaluate("document.body.dataset.ready") == "0"
+        assert page.is_visible("#api-key") and "needed" in page.get_attribute("#api-key", "class")
+        assert sent and all(auth is None for _, auth in sent)
+
+        page.fill("#api-key", "sk-wrong")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.body.dataset.error && document.body.dataset.error.includes('invalid')")
+        assert "401: invalid API key" in page.inner_text("#status")
+        assert "sk-wrong" not in page.inner_text("#status")  # the server never echoes a key
+
+        page.fill("#api-key", KEY)
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+        assert page.inner_text("#status") == "" and "needed" not in (page.get_attribute("#api-key", "class") or "")
+        assert page.evaluate("localStorage.getItem('lucid.apiKey')") == KEY
+
+        page.reload()  # the key is kept: the page connects at once
+        page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+        assert page.input_value("#api-key") == KEY
+        n = len(sent)
+        page.set_input_files("#file", str(SCENE))
+        page.wait_for_selector("#segment:not([disabled])", timeout=10_000)
+        page.fill("#seg-query", "the red circle")
+        page.click("#segment")
+        done(page, "1")
+        assert not page.evaluate("document.body.dataset.error || ''")
+        assert page.locator("#result-segment li").count() >= 1
+        browser.close()
+    after = sent[n:]
+    assert ("/v1/segment", f"Bearer {KEY}") in after
+    keyed = [path for path, auth in sent if auth == f"Bearer {KEY}"]
+    assert {"/v1/models", "/v1/interventions", "/v1/segment"} <= set(keyed)
+    assert all(auth in (None, "Bearer sk-wrong", f"Bearer {KEY}") for _, auth in sent)
