@@ -179,6 +179,7 @@ def answer_batch(
     locate: Sequence[Sequence[str] | None] | None = None,
     selection=None,
     on_token: Callable[[int, list[int]], None] | None = None,
+    stop: Callable[[], Sequence[bool]] | None = None,
 ) -> list[Answer]:
     """Answer each (image, question) in one left-padded generate call (the methods composed in order,
     after `plan`).
@@ -195,6 +196,7 @@ def answer_batch(
         locate: per row, the phrases to locate after answering (None for a row: `default_queries`); None
             locates nothing. `selection`: the localization heads to use (default: the checkpoint's).
         on_token: called after each step with (step, the token chosen for each row) (streaming).
+        stop: asked after each step which rows to end now (`vlm.generate`: finish_reason "cancelled").
 
     Returns one `Answer` per row; a row answers exactly as it would alone (left padding, greedy or seeded).
     """
@@ -204,7 +206,7 @@ def answer_batch(
     recorder = answer_recorder(heads, risk, attention_layers) if attention else None
     if risk is not None:
         recorder = risk_recorder(risk, recorder)
-    gens = generate(vlm, inputs, sampling, plan=plan, recorder=recorder, methods=methods, on_token=on_token)
+    gens = generate(vlm, inputs, sampling, plan=plan, recorder=recorder, methods=methods, on_token=on_token, stop=stop)
     token_risk = score_answers(risk, recorder, inputs, gens) if risk is not None else [None] * len(gens)
     located: list[tuple] = [()] * len(gens)
     locate_s = 0.0

@@ -5,11 +5,15 @@
 answered here with a 4xx naming the field before any model work; a failure inside is a 500 carrying the
 request id (also in the log and the `x-request-id` header); the app keeps serving either way.
 With keys configured, `Envelope` answers 401 / 403 (`check_key`) before any route or body is read; a
-deployment's full queue (`serve.engine.Overloaded`) is a 503 with Retry-After.
+deployment's full queue (`serve.engine.Overloaded`) or a replica that died under the request
+(`ReplicaLost`) is a 503 with Retry-After. Chat and segment requests run under a deadline (`_guarded`):
+past it a 504 (a stream: an error event), and a client that disconnects stops its work; either way the
+backend call is cancelled, which ends the generation on the replica (`serve.runners`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -34,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lucid.errors import ImageError, ImageTooLargeError, InputError
 from serve.config import AppConfig
-from serve.engine import ChatJob, Overloaded
+from serve.engine import ChatJob, Overloaded, ReplicaLost
 from serve.metrics import Metrics
 from serve.schemas import (
     ChatRequest,
@@ -192,8 +196,9 @@ def _methods(items: list, param: str = "interventions") -> list[dict]:
         raise ApiError(400, str(e), param=param) from None
 
 
-def chat_jobs(req: ChatRequest, cfg: AppConfig, model_id: str) -> tuple[list[ChatJob], dict]:
-    """Check a chat request and turn it into one job per choice (plus what the response echoes)."""
+def chat_jobs(req: ChatRequest, cfg: AppConfig, model_id: str, rid: str = "") -> tuple[list[ChatJob], dict]:
+    """Check a chat request and turn it into one job per choice (plus what the response echoes); job i's
+    id is "rid/i" (what cancelling it names)."""
     if req.model not in (None, "", model_id, "lucid"):
         raise ApiError(
             404,
@@ -298,10 +303,16 @@ def chat_jobs(req: ChatRequest, cfg: AppConfig, model_id: str) -> tuple[list[Cha
         heads=g.heads,
         locate=g.locate or g.masks,
         queries=None if g.queries is None else tuple(g.queries),
+        ignore_eos=req.ignore_eos,
+        id=f"{rid}/0" if rid else "",
     )
     from dataclasses import replace
 
-    jobs = [base] if greedy else [replace(base, seed=(seed + i) % 2**63) for i in range(req.n)]
+    jobs = (
+        [base]
+        if greedy
+        else [replace(base, seed=(seed + i) % 2**63, id=f"{rid}/{i}" if rid else "") for i in range(req.n)]
+    )
     echo = {"seed": seed, "n": req.n, "greedy": greedy, "methods": methods}
     return jobs, echo
 
@@ -365,7 +376,9 @@ _WHY = {
     413: "an image over the byte or pixel limit, or a body over max_body_bytes",
     422: "malformed JSON, or a body against this schema",
     500: "an internal failure, naming the request id",
-    503: "a deployment's queue is full (Retry-After), or a service not enabled here",
+    503: "a deployment's queue is full or its replica died under the request (both with Retry-After), or a "
+    "service not enabled here",
+    504: "the request's deadline passed (timeout_s, default request_timeout_s); its work was stopped",
 }
 
 
@@ -449,6 +462,11 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
         metrics.rejected.labels(_route_of(request.url.path), exc.deployment).inc()
         return _overloaded_body(exc, cfg, request.state.rid)
 
+    @app.exception_handler(ReplicaLost)
+    async def replica_lost(request: Request, exc: ReplicaLost):
+        log.warning("request %s: %s", request.state.rid, exc)
+        return _lost_body(exc, cfg, request.state.rid)
+
     # ------------------------------------------------------------------ routes
 
     @app.get("/", include_in_schema=False)
@@ -470,8 +488,11 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
         },
     )
     async def readyz():
-        try:
-            info = await backend.info()
+        try:  # with no live replica Serve would hold the call until one is back: bounded here
+            info = await asyncio.wait_for(backend.info(), cfg.ready_timeout_s)
+        except TimeoutError:
+            why = f"no model replica answered within {cfg.ready_timeout_s:g} s (ready_timeout_s)"
+            return JSONResponse({"ready": False, "reason": why}, status_code=503)
         except Exception as e:  # not ready: the model replica is not up (yet)
             return JSONResponse({"ready": False, "reason": f"{type(e).__name__}: {e}"[:300]}, status_code=503)
         return {"ready": True, "model": info}
@@ -498,18 +519,40 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
             "request_schema": interventions_schema(),
         }
 
-    @app.post("/v1/chat/completions", responses={200: _STREAM, **_errors(400, 401, 404, 413, 422, 503)})
+    def deadline(req: ChatRequest | SegmentRequest) -> float:
+        """The request's deadline on the event loop's clock (`timeout_s`, else request_timeout_s)."""
+        if req.timeout_s is not None and req.timeout_s > cfg.max_request_timeout_s:
+            raise ApiError(
+                400,
+                f"timeout_s {req.timeout_s:g} is over this server's limit of {cfg.max_request_timeout_s:g}",
+                "timeout_s",
+            )
+        return asyncio.get_running_loop().time() + (req.timeout_s or cfg.request_timeout_s)
+
+    async def guarded(request: Request, req, work):
+        """`work` (a coroutine) within the request's deadline, while its client is still there."""
+        try:
+            end = deadline(req)
+        except ApiError:
+            work.close()
+            raise
+        return await _guarded(request, work, end, metrics)
+
+    @app.post("/v1/chat/completions", responses={200: _STREAM, **_errors(400, 401, 404, 413, 422, 503, 504)})
     async def chat(req: ChatRequest, request: Request):
-        mid = await model_id()
         request.state.method = "+".join(i.name for i in req.interventions) or "none"
-        jobs, echo = chat_jobs(req, cfg, mid)
+        return await guarded(request, req, _chat(req, request))
+
+    async def _chat(req: ChatRequest, request: Request):
+        mid = await model_id()
         rid = request.state.rid
+        jobs, echo = chat_jobs(req, cfg, mid, rid)
         created = int(time.time())
         cid = f"chatcmpl-{rid}"
         if req.stream:
             items = await _prefetched(backend.chat_stream(jobs[0]))  # a full queue: 503 before the stream
             return StreamingResponse(
-                _sse(backend, items, jobs[0], req, cid, created, mid, echo, rid),
+                _sse(backend, items, jobs[0], req, cid, created, mid, echo, rid, deadline(req), metrics),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache"},
             )
@@ -559,9 +602,12 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
             "lucid": lucid,
         }
 
-    @app.post("/v1/segment", responses=_errors(400, 401, 413, 422, 503))
+    @app.post("/v1/segment", responses=_errors(400, 401, 413, 422, 503, 504))
     async def segment(req: SegmentRequest, request: Request):
         request.state.method = "all" if req.all else "query" if req.query else "prompts"
+        return await guarded(request, req, _segment(req))
+
+    async def _segment(req: SegmentRequest):
         if req.all:
             if req.query is not None or req.points or req.boxes:
                 raise ApiError(
@@ -810,6 +856,51 @@ class Envelope:
             self.metrics.observe(scope["method"], route, state["method"], status[0], time.perf_counter() - t)
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its answer."""
+
+
+async def _guarded(request: Request, work, end: float, metrics: Metrics):
+    """Await `work` until it is done, the deadline `end` (loop clock) passes (ApiError 504) or the client
+    disconnects (a 499 nobody reads). Either way `work` is cancelled: the backend call with it, which
+    Serve passes on to the replica, whose engine stops the generation after its current step."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            left = end - loop.time()
+            if left <= 0:
+                metrics.stopped.labels(_route_of(request.url.path), "deadline").inc()
+                raise ApiError(
+                    504,
+                    "the request did not finish within its deadline (timeout_s); its work was stopped",
+                    "timeout_s",
+                    type_="timeout",
+                )
+            done, _ = await asyncio.wait({task}, timeout=min(left, _POLL_S))
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                metrics.stopped.labels(_route_of(request.url.path), "disconnect").inc()
+                log.info("request %s: the client went away; its work was stopped", request.state.rid)
+                return _body(499, "the client closed the request", "client_closed", request.state.rid)
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # its own cancellation, or what it raised while being cancelled
+                pass
+
+
+_POLL_S = 0.25  # how often a waiting request looks whether its client is still there
+
+
+def _lost_body(exc: ReplicaLost, cfg: AppConfig, rid: str) -> JSONResponse:
+    msg = f"{exc}; Serve is restarting it: retry after {cfg.retry_after_s} s"
+    return _body(503, msg, "replica_lost", rid, headers={"retry-after": str(cfg.retry_after_s)})
+
+
 def _overloaded_body(exc: Overloaded, cfg: AppConfig, rid: str) -> JSONResponse:
     msg = f"the server is at its queue limit ({exc.deployment}: max_queued_requests); retry after {cfg.retry_after_s} s"
     return _body(503, msg, "overloaded", rid, headers={"retry-after": str(cfg.retry_after_s)})
@@ -845,7 +936,7 @@ async def _prefetched(items):
     head, failed = [], None
     try:
         head.append(await items.__anext__())
-    except Overloaded:
+    except (Overloaded, ReplicaLost):
         raise
     except StopAsyncIteration:
         pass
@@ -863,8 +954,24 @@ async def _prefetched(items):
     return replay()
 
 
-async def _sse(backend, items, job: ChatJob, req: ChatRequest, cid: str, created: int, mid: str, echo: dict, rid: str):
-    """OpenAI's chat.completion.chunk events; the last chunk carries the finish reason and `lucid`."""
+async def _sse(
+    backend,
+    items,
+    job: ChatJob,
+    req: ChatRequest,
+    cid: str,
+    created: int,
+    mid: str,
+    echo: dict,
+    rid: str,
+    end: float,
+    metrics: Metrics,
+):
+    """OpenAI's chat.completion.chunk events; the last chunk carries the finish reason and `lucid`. Past
+    the deadline `end` (loop clock) an error event (504) ends the stream and the generation is cancelled;
+    a client that disconnects cancels it too (Starlette cancels this generator)."""
+    loop = asyncio.get_running_loop()
+    route = "/v1/chat/completions"
 
     def chunk(delta: dict, finish: str | None = None, **more) -> str:
         body = {
@@ -881,7 +988,17 @@ async def _sse(backend, items, job: ChatJob, req: ChatRequest, cid: str, created
     yield chunk({"role": "assistant", "content": ""})
     result = None
     try:
-        async for item in items:
+        while True:
+            try:
+                item = await asyncio.wait_for(anext(items), max(0.0, end - loop.time()))
+            except StopAsyncIteration:
+                break
+            except TimeoutError:  # wait_for cancelled the stream: the replica stops generating
+                metrics.stopped.labels(route, "deadline").inc()
+                msg = "the request did not finish within its deadline (timeout_s); its work was stopped"
+                yield _sse_error(msg, "timeout", 504, rid)
+                yield "data: [DONE]\n\n"
+                return
             if "delta" in item:
                 yield chunk({"content": item["delta"]})
             elif "result" in item:
@@ -901,6 +1018,14 @@ async def _sse(backend, items, job: ChatJob, req: ChatRequest, cid: str, created
         yield _sse_error(f"the server is at its queue limit ({e.deployment}); retry later", "overloaded", 503, rid)
         yield "data: [DONE]\n\n"
         return
+    except ReplicaLost as e:
+        log.warning("request %s: %s", rid, e)
+        yield _sse_error(f"{e}; retry", "replica_lost", 503, rid)
+        yield "data: [DONE]\n\n"
+        return
+    except asyncio.CancelledError:  # the client went away: Starlette cancels the stream
+        metrics.stopped.labels(route, "disconnect").inc()
+        raise
     except Exception:
         log.error("request %s failed while streaming:\n%s", rid, traceback.format_exc())
         yield _sse_error(f"internal error (request id {rid})", "internal_error", 500, rid)

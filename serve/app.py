@@ -14,14 +14,16 @@ would otherwise wait for resources forever; `lucid serve` checks the sum against
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from serve.config import AppConfig, app_config, deployment_limits, with_keys
-from serve.engine import ChatJob, Overloaded
+from serve.engine import ChatJob, Overloaded, ReplicaLost
 
 _FAST_SHUTDOWN = {"graceful_shutdown_timeout_s": 2.0, "graceful_shutdown_wait_loop_s": 0.5}
 
@@ -44,7 +46,11 @@ class VLMServer:
     async def chat(self, jobs: list[ChatJob]) -> list[dict]:
         if not self.cfg.batching or len(jobs) != 1:
             return await self.runner.chat(jobs)
-        return [await self._batched(jobs[0])]
+        try:
+            return [await self._batched(jobs[0])]
+        except asyncio.CancelledError:  # Serve cancelled this request; the batch it joined goes on without it
+            self.runner.engine.cancel([jobs[0].id])
+            raise
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _batched(self, jobs: list[ChatJob]) -> list[dict]:
@@ -90,22 +96,17 @@ class SamServer:
 
 
 class ServeBackend:
-    """The API's backend over deployment handles; a full queue raises serve.api.Overloaded."""
+    """The API's backend over deployment handles: a full queue raises `Overloaded`, a replica that died
+    under the request `ReplicaLost` (both 503s)."""
 
     def __init__(self, vlm, sam) -> None:
         self.vlm, self.sam = vlm, sam
 
     async def _vlm(self, method: str, *args):
-        try:
-            return await getattr(self.vlm, method).remote(*args)
-        except BackPressureError as e:
-            raise Overloaded("VLMServer", str(e)) from None
+        return await _call(getattr(self.vlm, method).remote(*args), "VLMServer")
 
     async def _sam(self, method: str, *args):
-        try:
-            return await getattr(self.sam, method).remote(*args)
-        except BackPressureError as e:
-            raise Overloaded("SamServer", str(e)) from None
+        return await _call(getattr(self.sam, method).remote(*args), "SamServer")
 
     async def info(self) -> dict:
         return await self._vlm("info")
@@ -119,6 +120,8 @@ class ServeBackend:
                 yield item
         except BackPressureError as e:
             raise Overloaded("VLMServer", str(e)) from None
+        except (RayActorError, ActorUnavailableError) as e:
+            raise ReplicaLost("VLMServer", f"the VLMServer replica died while streaming: {type(e).__name__}") from None
 
     async def locate(self, image, queries: list[str]) -> list[dict]:
         return await self._vlm("locate", image, queries)
@@ -137,6 +140,15 @@ class ServeBackend:
 
     async def segment_vlsam(self, image, maps: list, method: str, referring: bool) -> dict:
         return await self._sam("segment_vlsam", image, maps, method, referring)
+
+
+async def _call(response, deployment: str):
+    try:
+        return await response
+    except BackPressureError as e:
+        raise Overloaded(deployment, str(e)) from None
+    except (RayActorError, ActorUnavailableError) as e:
+        raise ReplicaLost(deployment, f"the {deployment} replica died while answering: {type(e).__name__}") from None
 
 
 @serve.deployment(**_FAST_SHUTDOWN)
@@ -170,17 +182,20 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     cfg = app_config(args) if not isinstance(args, AppConfig) else args
     plain = cfg.model_dump()
     lim = deployment_limits(cfg)
+    drain = {"graceful_shutdown_timeout_s": cfg.drain_timeout_s}  # in-flight requests finish on shutdown
     vlm = VLMServer.options(
         num_replicas=cfg.vlm_replicas,
         ray_actor_options={"num_cpus": cfg.vlm_cpus, "num_gpus": cfg.vlm_gpus},
         **lim["VLMServer"],
+        **drain,
     ).bind(plain)
     sam = SamServer.options(
         num_replicas=cfg.sam_replicas,
         ray_actor_options={"num_cpus": cfg.sam_cpus, "num_gpus": cfg.sam_gpus},
         **lim["SamServer"],
+        **drain,
     ).bind(plain)
-    return Api.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}, **lim["Api"]).bind(vlm, sam, plain)
+    return Api.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}, **lim["Api"], **drain).bind(vlm, sam, plain)
 
 
 #: the embedded default as an Application, for `serve build serve.app:app -o lucid.yaml` (which wants an

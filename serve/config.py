@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lucid.errors import InputError
 
@@ -93,6 +93,18 @@ class AppConfig(BaseModel):
         -1, ge=-1, description="per VLM / SAM deployment: requests over it get a fast 503 (-1: no limit)"
     )
     retry_after_s: int = Field(1, ge=0, description="the Retry-After of a 503 over the queue limit")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="a request's deadline (queue and work): past it a 504, its generation stopped"
+    )
+    max_request_timeout_s: float = Field(
+        1800.0, gt=0, description="the most a request may ask for with `timeout_s` (over it: 400)"
+    )
+    ready_timeout_s: float = Field(
+        5.0, gt=0, description="/readyz answers not ready when no model replica answers within this"
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="on shutdown (SIGTERM), how long in-flight requests may take to finish"
+    )
 
     @field_validator("allow_remote")
     @classmethod
@@ -109,6 +121,15 @@ class AppConfig(BaseModel):
             if not k or not k.isprintable() or any(c.isspace() for c in k) or not k.isascii():
                 raise ValueError(f"key {i}: a key is printable ASCII without spaces (it travels in a header)")
         return v
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> AppConfig:
+        if self.request_timeout_s > self.max_request_timeout_s:
+            raise ValueError(
+                f"request_timeout_s {self.request_timeout_s:g} is over max_request_timeout_s "
+                f"{self.max_request_timeout_s:g}"
+            )
+        return self
 
     @property
     def auth(self) -> bool:

@@ -37,6 +37,15 @@ class Overloaded(Exception):
         self.deployment = deployment
 
 
+class ReplicaLost(Exception):
+    """The replica answering a request died under it (killed, out of memory): the API answers 503 +
+    Retry-After at once (no transparent retry: Serve restarts the replica, the client decides)."""
+
+    def __init__(self, deployment: str, message: str = "") -> None:
+        super().__init__(message or f"a {deployment} replica died while answering")
+        self.deployment = deployment
+
+
 @dataclass(frozen=True)
 class ChatJob:
     """One choice of a chat request. `methods`: the registry's JSON specs ({"name", "params"})."""
@@ -55,6 +64,8 @@ class ChatJob:
     heads: str = "auto"
     locate: bool = False
     queries: tuple[str, ...] | None = None
+    ignore_eos: bool = False
+    id: str = ""  # the request id and choice ("rid/0"): what `Engine.cancel` names
 
     def group_key(self) -> str:
         """Jobs with the same key can share one batch (the plan, the sampling, the recorder)."""
@@ -64,6 +75,7 @@ class ChatJob:
                 self.system,
                 self.history,
                 self.temperature,
+                self.ignore_eos,
                 self.top_p if self.temperature > 0 else None,
                 self.seed if self.temperature > 0 else None,  # greedy decoding ignores the seed
                 self.heatmap and self.heads,
@@ -92,6 +104,8 @@ class Engine:
         self.lock = threading.Lock()
         self.draw_lock = threading.Lock()  # pyplot keeps global state: one figure at a time per process
         self._selection = None
+        self._cancelled: dict[str, float] = {}  # job id -> when it was cancelled (monotonic)
+        self.stopped = {"jobs": 0, "tokens_left": 0}  # cancelled jobs, and the budget they left unused
 
     # ------------------------------------------------------------------ helpers
 
@@ -103,6 +117,24 @@ class Engine:
 
             self._selection = load_or_discover(self.vlm)
         return self._selection
+
+    # ------------------------------------------------------------------ cancellation
+
+    def cancel(self, ids: Sequence[str]) -> None:
+        """Mark jobs whose client went away (or whose deadline passed): one not started is skipped, one
+        generating ends after its current step (`vlm.generate`'s `stop`). Thread-safe (called from the
+        event loop while a batch runs in a worker thread); marks older than 10 minutes are forgotten."""
+        now = time.monotonic()
+        for k in [k for k, t in self._cancelled.items() if now - t > 600]:
+            self._cancelled.pop(k, None)
+        for i in ids:
+            if i:
+                self._cancelled[i] = now
+
+    def _stop(self, jobs: Sequence[ChatJob]) -> Callable[[], list[bool]] | None:
+        if not any(j.id for j in jobs):
+            return None
+        return lambda: [bool(j.id) and j.id in self._cancelled for j in jobs]
 
     # ------------------------------------------------------------------ chat
 
@@ -129,6 +161,11 @@ class Engine:
         groups: dict[tuple[str, int], list[int]] = {}
         single: dict[int, object] = {}
         for i, job in enumerate(jobs):
+            if job.id and job.id in self._cancelled:  # its client left while it waited: never started
+                out[i] = {"error": {"type": "Cancelled", "message": "cancelled before it started"}}
+                self.stopped["jobs"] += 1
+                self._cancelled.pop(job.id, None)
+                continue
             try:
                 budget, single[i] = self.check(job)
             except InputError as e:
@@ -187,7 +224,11 @@ class Engine:
         with self.lock:
             t_lock = time.perf_counter()
             sampling = SamplingParams(
-                max_new_tokens=budget, temperature=first.temperature, top_p=first.top_p, seed=first.seed
+                max_new_tokens=budget,
+                temperature=first.temperature,
+                top_p=first.top_p,
+                seed=first.seed,
+                ignore_eos=first.ignore_eos,
             )
             answers = answer_batch(
                 self.vlm,
@@ -204,15 +245,17 @@ class Engine:
                 locate=locate,
                 selection=self.selection if locate is not None else None,
                 on_token=on_token,
+                stop=self._stop(jobs),
             )
         results = []
         for job, ans in zip(jobs, answers):
             gen = ans.generation
             res: dict[str, Any] = {
                 "text": gen.text,
-                "finish_reason": "stop" if gen.finish_reason == "eos" else "length",
+                "finish_reason": {"eos": "stop"}.get(gen.finish_reason, gen.finish_reason),
                 "prompt_tokens": ans.prompt_tokens,
                 "completion_tokens": len(gen.token_ids),
+                "steps": len(gen.timings.decode_s) + 1,  # tokens decoded (past the answer with ignore_eos)
                 "max_new_tokens": budget,
                 "risk": None if ans.risk is None else round(float(ans.risk), 6),
                 "methods": [m.to_json() for m in methods],
@@ -227,6 +270,11 @@ class Engine:
             if any(hasattr(v, "to_record") for v in gen.extras.values()):
                 res["_views"] = gen
             results.append(res)
+        for job, res in zip(jobs, results):
+            if res["finish_reason"] == "cancelled":
+                self.stopped["jobs"] += 1
+                self.stopped["tokens_left"] += budget - res["steps"]
+            self._cancelled.pop(job.id, None)
         for job, res in zip(jobs, results):  # drawing needs no model: outside the lock
             grid, lay = res.pop("_grid", None), res.pop("_layout", None)
             if job.heatmap and grid is not None:

@@ -5,6 +5,8 @@
 * `lucid_request_latency_seconds{route, method}`: a histogram of time to the response's start.
 * `lucid_request_errors_total{route, method, status}`: responses with status >= 400.
 * `lucid_rejected_total{route, deployment}`: requests answered 503 because a deployment's queue was full.
+* `lucid_stopped_total{route, why}`: requests whose work was stopped: `deadline` (a 504) or `disconnect`
+  (the client went away).
 * `lucid_deployment_limit{deployment, limit}`: the Serve limits declared (`max_ongoing_requests` per
   replica, `max_queued_requests` per caller, -1: none).
 """
@@ -45,6 +47,12 @@ class Metrics:
             "lucid_rejected",
             "Requests refused with 503 because a deployment's queue was full",
             ["route", "deployment"],
+            registry=self.registry,
+        )
+        self.stopped = Counter(
+            "lucid_stopped",
+            "Requests whose work was stopped: past their deadline (504) or their client gone",
+            ["route", "why"],
             registry=self.registry,
         )
         self.limits = Gauge(

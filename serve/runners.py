@@ -2,7 +2,10 @@
 `LocalBackend` made of the same two objects (used by `lucid serve --no-ray`-style tests and the bench).
 
 Model work runs in a worker thread (`asyncio.to_thread`), so an event loop (Serve's replica, or a test's)
-keeps accepting requests while a batch is computed; `Engine.lock` serialises the model itself.
+keeps accepting requests while a batch is computed; `Engine.lock` serialises the model itself. A caller
+that is cancelled (its client went away, its deadline passed; Serve cancels the replica's task) cancels its
+jobs in the engine: the worker thread ends them after the current step (`Engine.cancel`), so the replica
+is free for the next request instead of finishing an answer nobody reads.
 """
 
 from __future__ import annotations
@@ -53,10 +56,15 @@ class VlmRunner:
             "heads": vlm.n_heads,
             "risk_model": self.engine.risk is not None,
             "load_s": round(self.load_s, 3),
+            "cancelled": dict(self.engine.stopped),
         }
 
     async def chat(self, jobs: list[ChatJob]) -> list[dict]:
-        return await asyncio.to_thread(self.engine.run, jobs)
+        try:
+            return await asyncio.to_thread(self.engine.run, jobs)
+        except asyncio.CancelledError:
+            self.engine.cancel([j.id for j in jobs])
+            raise
 
     async def locate(self, image: np.ndarray, queries: list[str]) -> list[dict]:
         return await asyncio.to_thread(self.engine.locate, image, queries)
@@ -89,8 +97,14 @@ class VlmRunner:
 
     async def chat_stream(self, job: ChatJob) -> AsyncIterator[dict]:
         it = self.stream_sync(job)
-        while (item := await asyncio.to_thread(next, it, _END)) is not _END:
-            yield item
+        finished = False
+        try:
+            while (item := await asyncio.to_thread(next, it, _END)) is not _END:
+                yield item
+            finished = True
+        finally:  # the consumer stopped early (closed, cancelled): end the generation
+            if not finished:
+                self.engine.cancel([job.id])
 
 
 class SamRunner:

@@ -132,6 +132,15 @@ class ChatRequest(_Open):
     stream_options: dict[str, Any] | None = None
     interventions: list[Intervention] = Field(default_factory=list, max_length=8)
     grounding: Grounding = Field(default_factory=Grounding)
+    ignore_eos: StrictBool = Field(
+        False, description="vLLM's extension: generate max_tokens tokens even past the end of the answer"
+    )
+    timeout_s: Float | None = Field(
+        None,
+        gt=0,
+        description="Lucid: this request's deadline in seconds, queueing included (default: the server's "
+        "request_timeout_s; over its max_request_timeout_s: 400); past it a 504, and its work is stopped",
+    )
 
     @field_validator("messages")
     @classmethod
@@ -205,6 +214,12 @@ class SegmentRequest(BaseModel):
         description="how a query becomes SAM prompts: 'heads', 'read[:k=v,...]' (READ's SasP) or 'vl-sam[:k=v,...]'",
     )
     all: StrictBool = Field(False, description="open-ended: every object the VLM names (VL-SAM; no query)")
+    timeout_s: Float | None = Field(
+        None,
+        gt=0,
+        description="Lucid: this request's deadline in seconds, queueing included (default: the server's "
+        "request_timeout_s; over its max_request_timeout_s: 400); past it a 504, and its work is stopped",
+    )
 
 
 class EvalRequest(BaseModel):

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from uvicorn_server import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENE = ROOT / "testbed" / "examples" / "scene.png"
@@ -38,33 +35,6 @@ def backend():
 
     torch.set_num_threads(1)
     return LocalBackend(AppConfig())
-
-
-@contextmanager
-def serving(backend, **cfg):
-    """The app (AppConfig(**cfg)) on uvicorn in a thread, on a free loopback port: its base URL."""
-    import uvicorn
-
-    from serve.api import make_app
-    from serve.config import AppConfig
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(make_app(AppConfig(**cfg), backend), host="127.0.0.1", port=port, log_level="warning")
-    )
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.time() + 120
-    while not server.started and time.time() < deadline:
-        time.sleep(0.1)
-    assert server.started
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        t.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,7 @@ def generate(
     recorder: AttentionRecorder | None = None,
     methods: Sequence[Method] = (),
     on_token: Callable[[int, list[int]], None] | None = None,
+    stop: Callable[[], Sequence[bool]] | None = None,
 ) -> list[Generation]:
     """Generate answers for a batch.
 
@@ -85,6 +86,9 @@ def generate(
         recorder: receives image-attention rows / hidden states for the prefill and each step.
         on_token: called after each step with (step, the token chosen for each row) as the tokens are
             chosen (streaming); rows already finished get the pad token.
+        stop: asked after each step which rows to end now (a client that went away, a passed deadline):
+            they end there with finish_reason "cancelled"; once every row has ended the batch stops, so an
+            abandoned request does not hold its replica.
 
     Returns:
         One `Generation` per row, with text (special tokens stripped), token ids, finish reason,
@@ -112,6 +116,7 @@ def generate(
     cache = DynamicCache(config=model.config)
     cache_kw = cache_argument(model)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
+    cut: list[int | None] = [None] * B  # rows ended by `stop`: how many tokens they had
     out_tokens: list[torch.Tensor] = []
     out_logprobs: list[torch.Tensor] = []
     step_times: list[float] = []
@@ -139,6 +144,9 @@ def generate(
                 on_token(step, nxt.tolist())
             if not sampling.ignore_eos:
                 done = done | torch.isin(nxt, eos_ids)
+            if stop is not None and any(gone := stop()):
+                cut = [step + 1 if c is None and g and not d else c for c, g, d in zip(cut, gone, done.tolist())]
+                done = done | torch.tensor(list(gone), dtype=torch.bool, device=dev)
             if step == sampling.max_new_tokens - 1 or bool(done.all()):
                 break
             t = time.perf_counter()
@@ -164,11 +172,13 @@ def generate(
     for b in range(B):
         row = []
         reason = "length"
-        for t in tokens[b]:
-            if t in eos_set:
+        for t in tokens[b][: cut[b]]:
+            if t in eos_set:  # (past the end only with ignore_eos)
                 reason = "eos"
                 break
             row.append(t)
+        if cut[b] is not None:  # ended by `stop`, even where ignore_eos ran past an eos
+            reason = "cancelled"
         rows.append(row)
         reasons.append(reason)
     results = []

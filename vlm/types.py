@@ -114,7 +114,7 @@ class Generation:
 
     text: str
     token_ids: tuple[int, ...]
-    finish_reason: str  # "eos" | "length"
+    finish_reason: str  # "eos" | "length" | "cancelled" (generate's `stop`)
     timings: Timings
     layout: ImageLayout
     token_logprobs: tuple[float, ...] = ()  # the model's log-probability of each token (before temperature)
