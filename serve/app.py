@@ -115,13 +115,19 @@ class ServeBackend:
         return await self._vlm("chat", jobs)
 
     async def chat_stream(self, job: ChatJob) -> AsyncIterator[dict]:
+        gen = self.vlm.options(stream=True).chat_stream.remote(job)
+        finished = False
         try:
-            async for item in self.vlm.options(stream=True).chat_stream.remote(job):
+            async for item in gen:
                 yield item
+            finished = True
         except BackPressureError as e:
             raise Overloaded("VLMServer", str(e)) from None
         except (RayActorError, ActorUnavailableError) as e:
             raise ReplicaLost("VLMServer", f"the VLMServer replica died while streaming: {type(e).__name__}") from None
+        finally:  # closed or cancelled early (deadline, client gone): the replica's generator too
+            if not finished:
+                gen.cancel()
 
     async def locate(self, image, queries: list[str]) -> list[dict]:
         return await self._vlm("locate", image, queries)
@@ -145,6 +151,9 @@ class ServeBackend:
 async def _call(response, deployment: str):
     try:
         return await response
+    except asyncio.CancelledError:  # the caller gave up (deadline, client gone): so does the replica
+        response.cancel()  # (cancelling the await alone leaves the replica working)
+        raise
     except BackPressureError as e:
         raise Overloaded(deployment, str(e)) from None
     except (RayActorError, ActorUnavailableError) as e:

@@ -12,10 +12,7 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,56 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from serve_process import URL, Server, body, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SCENE = ROOT / "testbed" / "examples" / "scene.png"
-URL = "data:image/png;base64," + base64.b64encode(SCENE.read_bytes()).decode()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def body(question: str, url: str = URL, **kw) -> dict:
-    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
-    return {"model": "testbed", "messages": [{"role": "user", "content": content}], **kw}
-
-
-class Server:
-    def __init__(self, config: Path, port: int):
-        self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-        self.proc = subprocess.Popen(
-            [str(BIN / "lucid"), "serve", "--config", str(config)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        self.err: list[str] = []
-        self.out: list[str] = []
-        threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True).start()
-        threading.Thread(target=self._read, args=(self.proc.stdout, self.out), daemon=True).start()
-
-    @staticmethod
-    def _read(stream, into: list[str]) -> None:
-        for line in stream:
-            into.append(line)
-
-    def wait_ready(self, timeout: float = 240) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if any("ready at" in x for x in self.err):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        raise RuntimeError("lucid serve did not start: " + "".join(self.err)[-4000:])
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +33,7 @@ def server(tmp_path_factory):
     images = tmp / "images"
     images.mkdir()
     shutil.copy(SCENE, images / "scene.png")
-    port = _free_port()
+    port = free_port()
     doc = {
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [

@@ -165,7 +165,16 @@ def run_server(cfg, host: str, port: int, address: str | None = None) -> None:
             signal.signal(sig, lambda *_: stop.set())
         while not stop.is_set():
             stop.wait(0.5)
-        typer.echo("lucid serve: stopping", err=True)
+        typer.echo(
+            f"lucid serve: stopping: in-flight requests may finish (up to {cfg.drain_timeout_s:g} s, drain_timeout_s)",
+            err=True,
+        )
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM (or Ctrl-C) while draining ends it now
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if not address:
+            t = time.perf_counter()
+            serve.shutdown()  # each replica stops taking requests and finishes those it has (graceful shutdown)
+            typer.echo(f"lucid serve: drained in {time.perf_counter() - t:.1f} s", err=True)
     finally:
         if address:
             try:
