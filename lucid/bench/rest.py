@@ -176,13 +176,13 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this tool's `## ` section of `path` (or append it), keeping every other section."""
+def write_section(path: Path, text: str, heading: str = HEADING) -> None:
+    """Replace the `## heading...` section of `path` (or append it), keeping every other section."""
     old = path.read_text() if path.exists() else ""
     kept, skip = [], False
     for line in old.splitlines():
         if line.startswith("## "):
-            skip = line[3:].startswith(HEADING)
+            skip = line[3:].startswith(heading)
         if not skip:
             kept.append(line)
     path.write_text("\n".join(kept).rstrip("\n") + "\n\n" + text)
