@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from uvicorn_server import serving
+from uvicorn_server import one_thread_backend, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 URL = "data:image/png;base64," + base64.b64encode((ROOT / "testbed" / "examples" / "scene.png").read_bytes()).decode()
@@ -27,13 +27,7 @@ def body(question: str = "Is there a red circle in the image?", **kw) -> dict:
 
 @pytest.fixture(scope="module")
 def backend():
-    import torch
-
-    from serve.config import AppConfig
-    from serve.runners import LocalBackend
-
-    torch.set_num_threads(1)
-    return LocalBackend(AppConfig())
+    return one_thread_backend()
 
 
 @pytest.fixture(scope="module")

@@ -35,14 +35,8 @@ def server(tmp_path_factory):
         "ready_timeout_s": 2,
         "drain_timeout_s": 60,
     }
-    s = Server(write_config(tmp / "lucid.yaml", port, args), port)
-    try:
-        s.wait_ready()
+    with Server(write_config(tmp / "lucid.yaml", port, args), port) as s:
         yield s
-    finally:
-        if s.proc.poll() is None:
-            os.killpg(s.proc.pid, signal.SIGKILL)
-            s.proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -57,14 +57,8 @@ def server(tmp_path_factory):
     }
     config = tmp / "lucid.yaml"
     config.write_text(yaml.safe_dump(doc))
-    s = Server(config, port)
-    try:
-        s.wait_ready()
+    with Server(config, port) as s:
         yield s
-    finally:
-        if s.proc.poll() is None:
-            os.killpg(s.proc.pid, signal.SIGKILL)
-            s.proc.wait()
 
 
 @pytest.fixture(scope="module")

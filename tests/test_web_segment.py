@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from uvicorn_server import serving
+from uvicorn_server import one_thread_backend, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENE = ROOT / "testbed" / "examples" / "scene.png"
@@ -28,13 +28,7 @@ KEY = "sk-page-3f9a1c"
 
 @pytest.fixture(scope="module")
 def backend():
-    import torch
-
-    from serve.config import AppConfig
-    from serve.runners import LocalBackend
-
-    torch.set_num_threads(1)
-    return LocalBackend(AppConfig())
+    return one_thread_backend()
 
 
 @pytest.fixture(scope="module")

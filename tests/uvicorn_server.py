@@ -34,3 +34,14 @@ def serving(backend, **cfg):
     finally:
         server.should_exit = True
         t.join(timeout=30)
+
+
+def one_thread_backend():
+    """The embedded model in this process (`LocalBackend`), on one torch thread."""
+    import torch
+
+    from serve.config import AppConfig
+    from serve.runners import LocalBackend
+
+    torch.set_num_threads(1)
+    return LocalBackend(AppConfig())

@@ -46,7 +46,9 @@ def _body(q: str) -> dict:
     return {"messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0}
 
 
-def measure(rounds: int, n_load: int, levels: tuple[int, ...], wait: float = 0.002) -> dict:
+def measure(
+    rounds: int, n_load: int, levels: tuple[int, ...], wait: float = 0.002, modes: tuple[bool, ...] = (True, False)
+) -> dict:
     import httpx
     import ray
     import torch
@@ -71,7 +73,7 @@ def measure(rounds: int, n_load: int, levels: tuple[int, ...], wait: float = 0.0
     image = np.asarray(Image.open(SCENE).convert("RGB"))
     out: dict = {"rounds": rounds, "n_load": n_load, "cpus": os.cpu_count(), "wait": wait}
     try:
-        for batching in (True, False):
+        for batching in modes:
             serve.run(
                 build_app(AppConfig(**base, batching=batching, max_batch_size=16, batch_wait_timeout_s=wait)),
                 name="lucid",
@@ -150,7 +152,9 @@ def to_markdown(res: dict) -> str:
         "192x192 PNG as a data: URL, greedy, max_tokens 8. Overhead: the same request over HTTP (Ray Serve "
         "proxy -> FastAPI ingress -> VLM replica) and in-process (`serve.engine.Engine.run`), interleaved, "
         f"{res['rounds']} rounds; medians with 95 % bootstrap intervals. `@serve.batch` waits "
-        f"{1000 * res['wait']:.0f} ms for company. The ingress's wait is its `await` of the VLM replica "
+        f"{1000 * res['wait']:.0f} ms for company"
+        + (f"; Serve settings: {', '.join(res['serve_env'])}" if res.get("serve_env") else "")
+        + ". The ingress's wait is its `await` of the VLM replica "
         "(`lucid.wall_s`): the rest of the overhead is the proxy, the ingress (JSON, image decode) and the "
         "client.",
         "",
@@ -170,7 +174,7 @@ def to_markdown(res: dict) -> str:
         "| @serve.batch | clients | requests/s | p50 ms | p99 ms |",
         "|---|---|---|---|---|",
     ]
-    for r in res["load"]:
+    for r in res.get("load", []):
         mode = "on" if r["batching"] else "off"
         lines.append(f"| {mode} | {r['clients']} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p99']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -194,8 +198,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-load", type=int, default=96)
     p.add_argument("--levels", default="1,4,16")
     p.add_argument("--write", type=Path, default=None, help="replace the REST section of this markdown file")
+    p.add_argument(
+        "--serve-env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="a Ray Serve setting for this run (e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0), repeatable",
+    )
+    p.add_argument("--batching", choices=["both", "on", "off"], default="both")
     a = p.parse_args(argv)
-    res = measure(a.rounds, a.n_load, tuple(int(x) for x in a.levels.split(",")))
+    for kv in a.serve_env:  # set before Ray starts: its workers inherit the environment
+        k, _, v = kv.partition("=")
+        os.environ[k] = v
+    modes = {"both": (True, False), "on": (True,), "off": (False,)}[a.batching]
+    levels = tuple(int(x) for x in a.levels.split(",") if x.strip())
+    res = measure(a.rounds, a.n_load, levels, modes=modes)
+    res["serve_env"] = a.serve_env
     text = to_markdown(res)
     print(text)
     if a.write is not None:

@@ -100,6 +100,17 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError("lucid serve did not start: " + "".join(self.err)[-4000:])
 
+    def __enter__(self) -> Server:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
