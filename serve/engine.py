@@ -105,6 +105,7 @@ class Engine:
         self.draw_lock = threading.Lock()  # pyplot keeps global state: one figure at a time per process
         self._selection = None
         self._cancelled: dict[str, float] = {}  # job id -> when it was cancelled (monotonic)
+        self._cancel_lock = threading.Lock()  # the event loop marks, the worker thread forgets
         self.stopped = {"jobs": 0, "tokens_left": 0}  # cancelled jobs, and the budget they left unused
 
     # ------------------------------------------------------------------ helpers
@@ -125,11 +126,16 @@ class Engine:
         generating ends after its current step (`vlm.generate`'s `stop`). Thread-safe (called from the
         event loop while a batch runs in a worker thread); marks older than 10 minutes are forgotten."""
         now = time.monotonic()
-        for k in [k for k, t in self._cancelled.items() if now - t > 600]:
-            self._cancelled.pop(k, None)
-        for i in ids:
-            if i:
-                self._cancelled[i] = now
+        with self._cancel_lock:
+            for k in [k for k, t in self._cancelled.items() if now - t > 600]:
+                del self._cancelled[k]
+            for i in ids:
+                if i:
+                    self._cancelled[i] = now
+
+    def _forget(self, job_id: str) -> None:
+        with self._cancel_lock:
+            self._cancelled.pop(job_id, None)
 
     def _stop(self, jobs: Sequence[ChatJob]) -> Callable[[], list[bool]] | None:
         if not any(j.id for j in jobs):
@@ -164,7 +170,7 @@ class Engine:
             if job.id and job.id in self._cancelled:  # its client left while it waited: never started
                 out[i] = {"error": {"type": "Cancelled", "message": "cancelled before it started"}}
                 self.stopped["jobs"] += 1
-                self._cancelled.pop(job.id, None)
+                self._forget(job.id)
                 continue
             try:
                 budget, single[i] = self.check(job)
@@ -274,7 +280,7 @@ class Engine:
             if res["finish_reason"] == "cancelled":
                 self.stopped["jobs"] += 1
                 self.stopped["tokens_left"] += budget - res["steps"]
-            self._cancelled.pop(job.id, None)
+            self._forget(job.id)
         for job, res in zip(jobs, results):  # drawing needs no model: outside the lock
             grid, lay = res.pop("_grid", None), res.pop("_layout", None)
             if job.heatmap and grid is not None:
