@@ -532,7 +532,7 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
     async def guarded(request: Request, req, work):
         """`work` (a coroutine) within the request's deadline, while its client is still there."""
         try:
-            end = deadline(req)
+            end = request.state.deadline = deadline(req)  # a stream keeps this deadline for its events
         except ApiError:
             work.close()
             raise
@@ -552,7 +552,7 @@ def make_app(cfg: AppConfig, backend: Any, evals: Any = None) -> FastAPI:
         if req.stream:
             items = await _prefetched(backend.chat_stream(jobs[0]))  # a full queue: 503 before the stream
             return StreamingResponse(
-                _sse(backend, items, jobs[0], req, cid, created, mid, echo, rid, deadline(req), metrics),
+                _sse(backend, items, jobs[0], req, cid, created, mid, echo, rid, request.state.deadline, metrics),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache"},
             )
@@ -854,10 +854,6 @@ class Envelope:
                 await _body(500, f"internal error (request id {rid})", "internal_error", rid)(scope, receive, send_)
         finally:
             self.metrics.observe(scope["method"], route, state["method"], status[0], time.perf_counter() - t)
-
-
-class _ClientGone(Exception):
-    """The client disconnected before its answer."""
 
 
 async def _guarded(request: Request, work, end: float, metrics: Metrics):
