@@ -792,6 +792,7 @@ class Envelope:
 
     def __init__(self, app, cfg: AppConfig, metrics: Metrics) -> None:
         self.app, self.cfg, self.metrics = app, cfg, metrics
+        self.inflight = 0  # model requests (chat, segment) this ingress is answering
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -839,6 +840,15 @@ class Envelope:
             finally:
                 self.metrics.observe(scope["method"], route, state["method"], status[0], time.perf_counter() - t)
             return
+        heavy = route in _MODEL_ROUTES
+        if heavy and 0 <= self.cfg.max_inflight_requests <= self.inflight:  # shed before reading the body
+            self.metrics.rejected.labels(route, "Api").inc()
+            try:
+                await _overloaded_body(Overloaded("Api"), self.cfg, rid)(scope, receive, send_)
+            finally:
+                self.metrics.observe(scope["method"], route, state["method"], status[0], time.perf_counter() - t)
+            return
+        self.inflight += heavy
         try:
             if length.isdigit() and int(length) > limit:
                 raise _TooLarge
@@ -853,7 +863,11 @@ class Envelope:
             if not started[0]:
                 await _body(500, f"internal error (request id {rid})", "internal_error", rid)(scope, receive, send_)
         finally:
+            self.inflight -= heavy
             self.metrics.observe(scope["method"], route, state["method"], status[0], time.perf_counter() - t)
+
+
+_MODEL_ROUTES = ("/v1/chat/completions", "/v1/segment")  # what max_inflight_requests bounds
 
 
 async def _guarded(request: Request, work, end: float, metrics: Metrics):
@@ -898,7 +912,8 @@ def _lost_body(exc: ReplicaLost, cfg: AppConfig, rid: str) -> JSONResponse:
 
 
 def _overloaded_body(exc: Overloaded, cfg: AppConfig, rid: str) -> JSONResponse:
-    msg = f"the server is at its queue limit ({exc.deployment}: max_queued_requests); retry after {cfg.retry_after_s} s"
+    limit = "max_inflight_requests" if exc.deployment == "Api" else "max_queued_requests"
+    msg = f"the server is at its queue limit ({exc.deployment}: {limit}); retry after {cfg.retry_after_s} s"
     return _body(503, msg, "overloaded", rid, headers={"retry-after": str(cfg.retry_after_s)})
 
 

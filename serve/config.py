@@ -93,6 +93,12 @@ class AppConfig(BaseModel):
         -1, ge=-1, description="per VLM / SAM deployment: requests over it get a fast 503 (-1: no limit)"
     )
     retry_after_s: int = Field(1, ge=0, description="the Retry-After of a 503 over the queue limit")
+    max_inflight_requests: int = Field(
+        -1,
+        ge=-1,
+        description="per ingress replica: chat / segment requests answered at once; over it a 503 before the body "
+        "is read (-1: no limit)",
+    )
     request_timeout_s: float = Field(
         300.0, gt=0, description="a request's deadline (queue and work): past it a 504, its generation stopped"
     )
@@ -209,7 +215,14 @@ def deployment_limits(cfg: AppConfig) -> dict[str, dict[str, int]]:
             "max_ongoing_requests": max(8, cfg.max_ongoing_requests),
             "max_queued_requests": cfg.max_queued_requests,
         },
-        "Api": {"max_ongoing_requests": 256, "max_queued_requests": -1},
+        # the ingress: with max_inflight_requests, room to refuse the excess itself (in the service's error
+        # shape) and a bounded wait in the proxy beyond that (over it the proxy's own 503 + Retry-After)
+        "Api": {"max_ongoing_requests": 256, "max_queued_requests": -1}
+        if cfg.max_inflight_requests < 0
+        else {
+            "max_ongoing_requests": 2 * cfg.max_inflight_requests + 16,
+            "max_queued_requests": max(1, cfg.max_inflight_requests),
+        },
     }
 
 

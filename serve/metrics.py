@@ -4,7 +4,8 @@
   interventions of a chat request joined by "+", "none", or the kind of a segment request).
 * `lucid_request_latency_seconds{route, method}`: a histogram of time to the response's start.
 * `lucid_request_errors_total{route, method, status}`: responses with status >= 400.
-* `lucid_rejected_total{route, deployment}`: requests answered 503 because a deployment's queue was full.
+* `lucid_rejected_total{route, deployment}`: requests answered 503 because a deployment's queue was full
+  (`Api`: the ingress's own `max_inflight_requests`).
 * `lucid_stopped_total{route, why}`: requests whose work was stopped: `deadline` (a 504) or `disconnect`
   (the client went away).
 * `lucid_deployment_limit{deployment, limit}`: the Serve limits declared (`max_ongoing_requests` per

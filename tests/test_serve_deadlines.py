@@ -133,3 +133,24 @@ def test_a_streaming_client_that_disconnects_stops_its_generation(url, backend):
     assert after["tokens_left"] > before["tokens_left"]
     ok = httpx.post(url + "/v1/chat/completions", json=body(max_tokens=4), timeout=60)
     assert ok.status_code == 200
+
+
+def test_over_max_inflight_requests_the_ingress_answers_503_before_reading_the_body(backend):
+    import threading
+
+    with serving(backend, max_inflight_requests=1, retry_after_s=3) as u:
+        busy = threading.Thread(
+            target=httpx.post, args=(u + "/v1/chat/completions",), kwargs={"json": body(DETAIL, **LONG), "timeout": 60}
+        )
+        before = stopped(backend)
+        busy.start()
+        time.sleep(1.0)  # the first request is generating
+        r = httpx.post(u + "/v1/chat/completions", json=body(max_tokens=2), timeout=60)
+        assert r.status_code == 503 and r.headers["retry-after"] == "3", r.text
+        assert r.json()["error"]["type"] == "overloaded" and "max_inflight_requests" in r.json()["error"]["message"]
+        assert httpx.get(u + "/healthz").status_code == 200  # only the model routes are bounded
+        m = httpx.get(u + "/metrics").text
+        assert 'lucid_rejected_total{deployment="Api",route="/v1/chat/completions"} 1.0' in m
+        busy.join(120)
+        assert httpx.post(u + "/v1/chat/completions", json=body(max_tokens=2), timeout=60).status_code == 200
+        assert stopped(backend) == before  # the first request ran to its end

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCENE = Path(__file__).resolve().parent.parent / "testbed" / "examples" / "scene.png"
+SCENE = Path(__file__).resolve().parents[2] / "testbed" / "examples" / "scene.png"
 QUESTIONS = [
     "Is there a red circle in the image?",
     "Is there a green triangle in the image?",

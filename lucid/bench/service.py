@@ -260,10 +260,20 @@ def soak(n: int, clients: int = 4, seed: int = 0) -> dict:
                 from tqdm import tqdm
             except ImportError:  # pragma: no cover
                 tqdm = None
+            records: list[dict] = []
+            quarters = []  # the VLM replicas' RSS after each quarter of the requests: flat, or still growing?
+            bar = tqdm(total=n, desc="soak", unit="req", file=sys.stderr) if tqdm else None
             with ThreadPoolExecutor(clients) as pool:
-                futs = [pool.submit(_request, c, k, random.Random(s), solo) for k, s in zip(kinds, seeds)]
-                it = tqdm(futs, desc="soak", unit="req", file=sys.stderr) if tqdm else futs
-                records = [f.result() for f in it]
+                for q in range(4):
+                    part = range(q * n // 4, (q + 1) * n // 4)
+                    futs = [pool.submit(_request, c, kinds[i], random.Random(seeds[i]), solo) for i in part]
+                    for f in futs:
+                        records.append(f.result())
+                        if bar is not None:
+                            bar.update()
+                    quarters.append([round(rss_mib(p), 1) for p in pids["VLMServer"] if Path(f"/proc/{p}").exists()])
+            if bar is not None:
+                bar.close()
             wall = time.perf_counter() - t
             rss1 = {}
             for d, ps in pids.items():
@@ -297,6 +307,7 @@ def soak(n: int, clients: int = 4, seed: int = 0) -> dict:
         "unequal": sum(k["unequal"] for k in by.values()),
         "rss_start_mib": rss0,
         "rss_end_mib": rss1,
+        "vlm_rss_by_quarter_mib": quarters,
         "replicas_unchanged": alive,
         "ready_after": ready,
     }
@@ -318,6 +329,7 @@ def overload(seconds: float = 20.0, queue: int = 4, factors: tuple[float, ...] =
         "ingress_cpus": 0.25,
         "evals": False,
         "max_queued_requests": queue,
+        "max_inflight_requests": 2 * (8 + queue),
         "max_ongoing_requests": 8,
         "max_batch_size": 8,
     }
@@ -499,6 +511,13 @@ def to_markdown(res: dict) -> str:
             lines.append(
                 f"| {k.split(':')[0]} | {a:.0f} | {b:.0f} | {b - a:+.0f} |" if b else f"| {k} | {a:.0f} | gone | |"
             )
+        if q := s.get("vlm_rss_by_quarter_mib"):
+            lines += [
+                "",
+                "VLM replicas' RSS after each quarter of the requests (MiB): "
+                + " -> ".join("/".join(f"{x:.0f}" for x in row) for row in q)
+                + ".",
+            ]
         lines.append("")
     if o := res.get("overload"):
         lines += [
