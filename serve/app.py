@@ -122,12 +122,14 @@ class ServeBackend:
                 yield item
             finished = True
         except BackPressureError as e:
+            finished = True  # refused: nothing runs
             raise Overloaded("VLMServer", str(e)) from None
         except (RayActorError, ActorUnavailableError) as e:
+            finished = True
             raise ReplicaLost("VLMServer", f"the VLMServer replica died while streaming: {type(e).__name__}") from None
         finally:  # closed or cancelled early (deadline, client gone): the replica's generator too
             if not finished:
-                gen.cancel()
+                _cancel(gen)
 
     async def locate(self, image, queries: list[str]) -> list[dict]:
         return await self._vlm("locate", image, queries)
@@ -148,11 +150,20 @@ class ServeBackend:
         return await self._sam("segment_vlsam", image, maps, method, referring)
 
 
+def _cancel(response) -> None:
+    """Cancel a handle call on its replica; one that already failed (refused, its replica gone) or
+    finished has nothing left to stop, and `cancel` then re-raises its outcome: ignored."""
+    try:
+        response.cancel()
+    except Exception:
+        pass
+
+
 async def _call(response, deployment: str):
     try:
         return await response
     except asyncio.CancelledError:  # the caller gave up (deadline, client gone): so does the replica
-        response.cancel()  # (cancelling the await alone leaves the replica working)
+        _cancel(response)  # (cancelling the await alone leaves the replica working)
         raise
     except BackPressureError as e:
         raise Overloaded(deployment, str(e)) from None
