@@ -1,4 +1,4 @@
-"""The service under load and faults: `python -m lucid.bench.service soak|overload|recovery|auth [--write F]`.
+"""The service under load and faults: `python -m lucid.bench.service soak|overload|recovery|abandon|auth [--write F]`.
 
 Each runs `lucid serve --config FILE` in a subprocess (real Ray Serve on loopback, as users run it) and
 drives it over HTTP:
@@ -12,6 +12,7 @@ drives it over HTTP:
   of the time to a 503.
 * `recovery`: a VLM replica (then the SAM replica) killed with SIGKILL under load; time until the service
   answers again.
+* `abandon`: a short request right after a client left a long generation, against the same request alone.
 * `auth`: the cost of API keys per request (no keys, 1 key, 64 keys), interleaved, in-process (ASGI).
 """
 
@@ -436,6 +437,44 @@ def recovery(rounds: int = 3) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------ abandon
+
+
+def abandon(rounds: int = 5) -> dict:
+    """Whether a request abandoned by its client delays the next one: one VLM replica (no batching); per
+    round, interleaved, a short request alone, a long generation answered in full, and the short request
+    sent right after a client left the long generation 0.5 s in."""
+    import httpx
+
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"lucid-abandon-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    args = {"vlm_replicas": 1, "vlm_cpus": 1.0, "sam_cpus": 0.25, "ingress_cpus": 0.25, "evals": False}
+    short = chat_body("Is there a red circle in the image?", max_tokens=4)
+    long = chat_body(DETAIL, max_tokens=600, ignore_eos=True)
+    out: dict = {"solo_s": [], "long_s": [], "after_abandon_s": []}
+    with Server(write_config(tmp / "lucid.yaml", port, args), port) as server:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            for _ in range(2):
+                c.post("/v1/chat/completions", json=short).raise_for_status()
+            for _ in range(rounds):
+                t = time.perf_counter()
+                c.post("/v1/chat/completions", json=short).raise_for_status()
+                out["solo_s"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                c.post("/v1/chat/completions", json=long).raise_for_status()
+                out["long_s"].append(time.perf_counter() - t)
+                try:
+                    httpx.post(server.url + "/v1/chat/completions", json=long, timeout=httpx.Timeout(60, read=0.5))
+                except httpx.ReadTimeout:
+                    pass
+                t = time.perf_counter()
+                c.post("/v1/chat/completions", json=short).raise_for_status()
+                out["after_abandon_s"].append(time.perf_counter() - t)
+            out["replica"] = c.get("/v1/models").json()["data"][0]["lucid"]["cancelled"]
+    return out
+
+
 # ------------------------------------------------------------------------------------------ auth
 
 
@@ -490,7 +529,7 @@ def auth_cost(rounds: int = 2000) -> dict:
 
 def to_markdown(res: dict) -> str:
     lines = [f"## {HEADING}: `lucid serve` on Ray Serve, loopback, testbed model, CPU ({os.cpu_count()} cores)", ""]
-    lines.append("`python -m lucid.bench.service soak|overload|recovery|auth --write BENCHMARKS.md`.")
+    lines.append("`python -m lucid.bench.service soak|overload|recovery|abandon|auth --write BENCHMARKS.md`.")
     lines.append("")
     if s := res.get("soak"):
         lines += [
@@ -545,6 +584,16 @@ def to_markdown(res: dict) -> str:
                 f"the kill got {r['first_status'][dep]}"
             )
         lines.append("")
+    if b := res.get("abandon"):
+        med = {k: float(np.median(v)) for k, v in b.items() if k.endswith("_s")}
+        lines += [
+            f"**An abandoned request** (one VLM replica, {len(b['solo_s'])} interleaved rounds, medians): a short "
+            f"request alone {1000 * med['solo_s']:.0f} ms; a 600-token generation answered in full "
+            f"{med['long_s']:.1f} s; the short request sent right after a client left that generation 0.5 s in: "
+            f"**{1000 * med['after_abandon_s']:.0f} ms** (the replica stopped {b['replica']['jobs']} abandoned "
+            f"jobs, {b['replica']['tokens_left']} decode steps not spent).",
+            "",
+        ]
     if a := res.get("auth"):
         lines += [
             f"**Auth cost** (GET /healthz made to need a key, in-process ASGI, {a['rounds']} interleaved rounds): "
@@ -559,7 +608,7 @@ def to_markdown(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m lucid.bench.service", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", nargs="+", choices=["soak", "overload", "recovery", "auth"])
+    p.add_argument("what", nargs="+", choices=["soak", "overload", "recovery", "abandon", "auth"])
     p.add_argument("--n", type=int, default=200, help="soak: requests")
     p.add_argument("--clients", type=int, default=4, help="soak: client threads")
     p.add_argument("--seconds", type=float, default=20.0, help="overload: seconds per offered load")
@@ -574,6 +623,8 @@ def main(argv: list[str] | None = None) -> None:
             res["overload"] = overload(a.seconds)
         elif w == "recovery":
             res["recovery"] = recovery()
+        elif w == "abandon":
+            res["abandon"] = abandon()
         else:
             res["auth"] = auth_cost()
         if a.json is not None:
