@@ -343,7 +343,7 @@ def overload(seconds: float = 20.0, queue: int = 4, factors: tuple[float, ...] =
             for _ in range(4):
                 c.post("/v1/chat/completions", json=body).raise_for_status()
             # capacity: closed loop with enough clients to fill the batch and the queue-free ongoing slots
-            n_cap, lat = 48, []
+            n_cap = 48
             t = time.perf_counter()
             with ThreadPoolExecutor(8) as pool:
                 rs = list(pool.map(lambda _: c.post("/v1/chat/completions", json=body), range(n_cap)))
@@ -378,7 +378,6 @@ def overload(seconds: float = 20.0, queue: int = 4, factors: tuple[float, ...] =
                     th.join(300)
                 ok = [s for st, s in recs if st == 200]
                 busy = [s for st, s in recs if st == 503]
-                lat.append(ok)
                 out[f"x{f:g}"] = {
                     "offered_rps": rate,
                     "n": n,
