@@ -849,6 +849,7 @@ class Envelope:
                 self.metrics.observe(scope["method"], route, state["method"], status[0], time.perf_counter() - t)
             return
         self.inflight += heavy
+        self.metrics.inflight.set(self.inflight)
         try:
             if length.isdigit() and int(length) > limit:
                 raise _TooLarge
@@ -864,6 +865,7 @@ class Envelope:
                 await _body(500, f"internal error (request id {rid})", "internal_error", rid)(scope, receive, send_)
         finally:
             self.inflight -= heavy
+            self.metrics.inflight.set(self.inflight)
             self.metrics.observe(scope["method"], route, state["method"], status[0], time.perf_counter() - t)
 
 

@@ -6,6 +6,8 @@
 * `lucid_request_errors_total{route, method, status}`: responses with status >= 400.
 * `lucid_rejected_total{route, deployment}`: requests answered 503 because a deployment's queue was full
   (`Api`: the ingress's own `max_inflight_requests`).
+* `lucid_inflight_requests`: chat and segment requests this ingress is answering now (queued in Serve
+  or on a replica), the depth `max_inflight_requests` bounds.
 * `lucid_stopped_total{route, why}`: requests whose work was stopped: `deadline` (a 504) or `disconnect`
   (the client went away).
 * `lucid_deployment_limit{deployment, limit}`: the Serve limits declared (`max_ongoing_requests` per
@@ -54,6 +56,11 @@ class Metrics:
             "lucid_stopped",
             "Requests whose work was stopped: past their deadline (504) or their client gone",
             ["route", "why"],
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "lucid_inflight_requests",
+            "Chat and segment requests this ingress is answering now (queued or on a replica)",
             registry=self.registry,
         )
         self.limits = Gauge(

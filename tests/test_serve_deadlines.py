@@ -151,6 +151,7 @@ def test_over_max_inflight_requests_the_ingress_answers_503_before_reading_the_b
         assert httpx.get(u + "/healthz").status_code == 200  # only the model routes are bounded
         m = httpx.get(u + "/metrics").text
         assert 'lucid_rejected_total{deployment="Api",route="/v1/chat/completions"} 1.0' in m
+        assert "lucid_inflight_requests 1.0" in m  # the long one
         busy.join(120)
         assert httpx.post(u + "/v1/chat/completions", json=body(max_tokens=2), timeout=60).status_code == 200
         assert stopped(backend) == before  # the first request ran to its end
