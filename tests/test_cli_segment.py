@@ -2,13 +2,11 @@
 queries end to end (JSON with COCO RLE masks in ORIGINAL pixels, the overlay PNG)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_run import lucid
 from PIL import Image
 
 from grounding.segment import decode_rle
@@ -16,17 +14,6 @@ from testbed.world.scenes import WorldConfig, render_scene
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENE = str(ROOT / "testbed" / "examples" / "scene.png")
-
-
-def lucid(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", "from lucid.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=300,
-    )
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_run import one_error
 
 ROOT = Path(__file__).resolve().parent.parent
 LUCID = str(Path(sys.executable).parent / "lucid")
@@ -19,15 +20,6 @@ LUCID = str(Path(sys.executable).parent / "lucid")
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     return subprocess.run([LUCID, "serve", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def one_error(proc: subprocess.CompletedProcess, *words: str) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    lines = [x for x in proc.stderr.splitlines() if x.startswith("lucid: error: ")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 def config(tmp_path: Path, args: dict, http: dict | None = None) -> Path:

@@ -7,15 +7,15 @@ answers, and bad input (one `lucid: error:` line, exit 2; a 400 naming the field
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_run import lucid as run_lucid
 from PIL import Image
+from uvicorn_server import app_client
 
 from grounding.read import ReadParams, dtoc, parse_read, read_batch, segment_read, similarity_points
 from vlm.layout import ImageView, clip_geometry, pad_geometry
@@ -264,14 +264,7 @@ def test_segment_read_gives_sam_the_points(testbed_vlm):
 
 
 def lucid(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", "from lucid.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
+    return run_lucid(*args, env_extra={"OMP_NUM_THREADS": "1"})
 
 
 def test_cli_segment_method_read_json(tmp_path):
@@ -318,15 +311,7 @@ def test_cli_eval_sam_bad_read_spec():
 
 @pytest.fixture(scope="module")
 def client():
-    from fastapi.testclient import TestClient
-
-    from serve.api import make_app
-    from serve.config import AppConfig
-    from serve.runners import LocalBackend
-
-    cfg = AppConfig()
-    backend = LocalBackend(cfg)
-    return TestClient(make_app(cfg, backend)), backend
+    return app_client()
 
 
 def test_rest_segment_method_read_is_the_librarys(client):

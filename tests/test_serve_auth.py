@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from cli_run import one_error
 from fastapi.testclient import TestClient
 
 from serve.api import make_app
@@ -279,15 +280,6 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subpro
     e = {k: v for k, v in os.environ.items() if k not in ("LUCID_API_KEYS", "LUCID_ADMIN_API_KEYS")}
     e.update(RAY_USAGE_STATS_ENABLED="0", **(env or {}))
     return subprocess.run([LUCID, "serve", *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
-
-
-def one_error(proc: subprocess.CompletedProcess, *words: str) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    lines = [x for x in proc.stderr.splitlines() if x.startswith("lucid: error: ")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture

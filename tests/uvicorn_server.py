@@ -1,5 +1,5 @@
-"""The REST app on uvicorn in a thread of the test process (no Ray): for tests that need a real HTTP
-server (a browser, a client that disconnects) around the in-process backend."""
+"""The REST app in the test process (no Ray): on uvicorn in a thread, for tests that need a real HTTP server
+(a browser, a client that disconnects), or behind FastAPI's TestClient; over the in-process backend."""
 
 from __future__ import annotations
 
@@ -45,3 +45,16 @@ def one_thread_backend():
 
     torch.set_num_threads(1)
     return LocalBackend(AppConfig())
+
+
+def app_client():
+    """The REST app over the embedded model in this process, as (FastAPI TestClient, LocalBackend)."""
+    from fastapi.testclient import TestClient
+
+    from serve.api import make_app
+    from serve.config import AppConfig
+    from serve.runners import LocalBackend
+
+    cfg = AppConfig()
+    backend = LocalBackend(cfg)
+    return TestClient(make_app(cfg, backend)), backend

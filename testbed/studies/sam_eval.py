@@ -204,18 +204,24 @@ def read_to_sam(
                 scores[it.split].append(
                     (mask_iou(r.mask, it.mask), box_ok, float(on_mask(it.mask, first)), _map_auc(res, it.mask))
                 )
-        row = {"token": sorted(tokens), "params": params.changed()}
-        for split in sorted(scores):
-            v = np.array(scores[split])
-            row[split] = {
-                "items": len(v),
-                "miou": round(float(v[:, 0].mean()), 4),
-                "box_acc": round(float(v[:, 1].mean()), 4),
-                "pointing": round(float(v[:, 2].mean()), 4),
-                "map_auc": round(float(np.nanmean(v[:, 3])), 4),
-            }
-        out[spec] = row
+        out[spec] = {"token": sorted(tokens), "params": params.changed(), **_split_rows(scores, "map_auc", np.nanmean)}
     return out
+
+
+def _split_rows(scores: dict[str, list[tuple]], fourth: str, reduce) -> dict:
+    """Per split, from (mask IoU, box hit, pointing hit, a fourth value) per item: the items, mIoU, box
+    accuracy, pointing and `fourth` (its mean by `reduce`), rounded to 4 places."""
+    rows = {}
+    for split in sorted(scores):
+        v = np.array(scores[split])
+        rows[split] = {
+            "items": len(v),
+            "miou": round(float(v[:, 0].mean()), 4),
+            "box_acc": round(float(v[:, 1].mean()), 4),
+            "pointing": round(float(v[:, 2].mean()), 4),
+            fourth: round(float(reduce(v[:, 3])), 4),
+        }
+    return rows
 
 
 def _map_auc(res, mask: np.ndarray) -> float:
@@ -267,17 +273,7 @@ def vlsam_to_sam(
             box_ok = float(box_iou(tuple(o.box), tuple(float(v) for v in it.bbox)) >= 0.5)
             first = next(p for p in o.points if p[2] == 1)
             scores[it.split].append((mask_iou(o.mask, it.mask), box_ok, float(on_mask(it.mask, first[:2])), dt))
-        row: dict = {"params": params.changed()}
-        for split in sorted(scores):
-            v = np.array(scores[split])
-            row[split] = {
-                "items": len(v),
-                "miou": round(float(v[:, 0].mean()), 4),
-                "box_acc": round(float(v[:, 1].mean()), 4),
-                "pointing": round(float(v[:, 2].mean()), 4),
-                "s_per_item": round(float(v[:, 3].mean()), 4),
-            }
-        out[spec] = row
+        out[spec] = {"params": params.changed(), **_split_rows(scores, "s_per_item", np.mean)}
     return out
 
 
