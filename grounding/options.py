@@ -1,13 +1,37 @@
 """`NAME:k=v,...` specs of the segmentation methods (READ, VL-SAM) -> their frozen parameter dataclasses.
 
-A dataclass here declares its fields with plain annotations (bool, int, float, str) and a
-`from_preset(preset, **overrides)` classmethod; `parse_options` turns the text into that call.
+A dataclass here declares its fields with plain annotations (bool, int, float, str) and derives from
+`PresetOptions` (its `presets()`, `from_preset(preset, **overrides)` and `changed()`); `parse_options` turns
+the text into the `from_preset` call.
 """
 
 from __future__ import annotations
 
 from dataclasses import fields
 from typing import Any
+
+
+class PresetOptions:
+    """A frozen options dataclass with a `preset` field and named presets (`presets()`: preset -> the
+    values that differ from the dataclass defaults)."""
+
+    preset: str
+
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_preset(cls, preset: str = "official", **overrides):
+        presets = cls.presets()
+        if preset not in presets:
+            raise ValueError(f"preset must be one of {', '.join(presets)}, got {preset!r}")
+        return cls(**{**presets[preset], "preset": preset, **overrides})
+
+    def changed(self) -> dict:
+        """The values that differ from the preset's (what a `NAME:...` spec would need to name)."""
+        base = type(self).from_preset(self.preset)
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(base, f.name)}
 
 
 def parse_options(spec: str, name: str, cls: type) -> Any:
@@ -45,4 +69,4 @@ def parse_options(spec: str, name: str, cls: type) -> Any:
     return cls.from_preset(preset, **values)
 
 
-__all__ = ["parse_options"]
+__all__ = ["PresetOptions", "parse_options"]

@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from grounding.options import parse_options
+from grounding.options import PresetOptions, parse_options
 
 TOKENS = ("auto", "seg", "target", "last")
 THRESHOLDS = ("minmax", "sigma")
@@ -46,7 +46,7 @@ _DTOC_WINDOW = 8
 
 
 @dataclass(frozen=True)
-class ReadParams:
+class ReadParams(PresetOptions):
     """SasP's parameters. `preset`: "official" (READ's code, model/READ.py and the READ-7B scripts) or
     "paper" (the paper's text where it differs: thresholds at mean +- eps * std); explicit values override it.
 
@@ -103,15 +103,8 @@ class ReadParams:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     @classmethod
-    def from_preset(cls, preset: str = "official", **overrides) -> ReadParams:
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-        return cls(**{**PRESETS[preset], "preset": preset, **overrides})
-
-    def changed(self) -> dict:
-        """The values that differ from the preset's (what `read:...` would need to name)."""
-        base = ReadParams.from_preset(self.preset)
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(base, f.name)}
+    def presets(cls) -> dict[str, dict]:
+        return PRESETS
 
 
 # the paper's thresholds (pos S >= mu + 0.5 sigma, neg S <= mu - 0.5 sigma); everything else as the code

@@ -45,11 +45,11 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from grounding.options import parse_options
+from grounding.options import PresetOptions, parse_options
 
 PARSERS = ("auto", "shapes", "list")
 HEAD_WEIGHTS = ("meanmax", "uniform")
@@ -77,7 +77,7 @@ _NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nin
 
 
 @dataclass(frozen=True)
-class VlsamParams:
+class VlsamParams(PresetOptions):
     """VL-SAM's parameters. No official code exists: `preset="official"` is the paper's stated defaults
     (via the summaries in the research notes), and "paper" names the same values; explicit values override.
 
@@ -161,15 +161,8 @@ class VlsamParams:
             raise ValueError(f"max_objects must be >= 1, got {self.max_objects}")
 
     @classmethod
-    def from_preset(cls, preset: str = "official", **overrides) -> VlsamParams:
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-        return cls(**{**PRESETS[preset], "preset": preset, **overrides})
-
-    def changed(self) -> dict:
-        """The values that differ from the preset's (what `vl-sam:...` would need to name)."""
-        base = VlsamParams.from_preset(self.preset)
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(base, f.name)}
+    def presets(cls) -> dict[str, dict]:
+        return PRESETS
 
 
 #: no official code: both presets are the paper's stated defaults (research notes §3.4)
